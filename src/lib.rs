@@ -1,0 +1,34 @@
+//! posegpt-edge: an offline PoseGPT device daemon.
+//!
+//! The data path, one module per stage:
+//!
+//! ```text
+//! frame ──► vision (preprocess + tract encoder) ──► llm (llama.cpp) ──► pose_head ──► smpl
+//!            [tokens, n_embd] image embeddings       hidden state        24 × 6D      axis-angle
+//! ```
+//!
+//! * [`bundle`] — the model bundle (`posegpt.toml` + `llm.gguf` + `vision.onnx` +
+//!   `pose_head.onnx`), checked on load with errors that name the file and key.
+//! * [`vision`] — preprocessing exactly as the model was trained (Pillow-exact bicubic) and the
+//!   ONNX vision tower + projector.
+//! * [`llm`] — the only module with `unsafe`: a small safe wrapper over llama.cpp.
+//! * [`posegpt`] — prompts, image injection, generation, pose-token capture: `pose()` per frame
+//!   and `ask()` for chat.
+//! * [`pose_head`] — hidden state → 24 × 6D → rotation matrices → axis-angle.
+//! * [`smpl`] — rotation conventions (and, later, the body model).
+
+pub mod bundle;
+pub mod llm;
+pub mod pose_head;
+pub mod posegpt;
+pub mod smpl;
+pub mod vision;
+
+/// Configure tract to run matrix products on `threads` threads (it uses one otherwise).
+pub fn set_tract_threads(threads: usize) {
+    if threads > 1 {
+        tract_linalg::multithread::set_default_executor(
+            tract_linalg::multithread::Executor::multithread(threads),
+        );
+    }
+}

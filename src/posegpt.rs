@@ -1,0 +1,410 @@
+//! PoseGPT: prompt building from the manifest, image injection, generation, and the pose
+//! head on the hidden state that chose each pose token.
+//!
+//! The prompt is split at the image marker and each text piece is tokenized on its own, BOS on
+//! the first only (LLaVA's `tokenizer_image_token`); the image embeddings go between the pieces.
+//! The head reads the final-norm hidden state of the position **whose logits chose** the pose
+//! token (ChatPose's `output_ids[:, 1:] == seg_token_idx` shift), never the pose token's own.
+//!
+//! Two entry points:
+//! * [`PoseGpt::pose`] — the per-frame fast path. The prompt is the manifest's fixed
+//!   instruction with the assistant turn already opened by the answer prefix (e.g.
+//!   "Sure, it is "), so one frame costs the encoder plus one prefill (everything before the
+//!   image comes from the KV cache) and the head reads the last prompt position. The pose
+//!   carries the probability the LLM gave the pose token there (`confidence`): low means the
+//!   prefix does not end where the model would emit the pose token.
+//! * [`PoseGpt::ask`] — chat: text with one [`POSE_MARKER`] per pose, multi-turn by
+//!   conversation id with a bounded history.
+
+use crate::bundle::{Bundle, BundleError, LoadOptions};
+use crate::llm::{GenerateParams, LlmError, Sampling, Segment, Session, SessionParams, Token};
+use crate::pose_head::{PoseHeadError, SmplPose, HEAD_OUTPUTS};
+use crate::vision::{preprocess, RgbImage, VisionError};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Written into a reply's text where the model emitted a pose token; `poses[i]` belongs to the
+/// i-th marker.
+pub const POSE_MARKER: &str = "[POSE]";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoseGptError {
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error(transparent)]
+    Llm(#[from] LlmError),
+    #[error(transparent)]
+    Vision(#[from] VisionError),
+    #[error(transparent)]
+    Head(#[from] PoseHeadError),
+    #[error("the question is empty")]
+    EmptyQuestion,
+}
+
+/// Runtime settings (from the daemon config or CLI flags).
+#[derive(Debug, Clone)]
+pub struct RuntimeOptions {
+    pub load: LoadOptions,
+    pub session: SessionParams,
+    /// Most tokens one answer may have.
+    pub max_tokens: usize,
+    pub sampling: Sampling,
+    /// Earlier turns kept per conversation (oldest dropped first).
+    pub max_history_turns: usize,
+    /// Conversations kept (least recently used dropped first).
+    pub max_conversations: usize,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        Self {
+            load: LoadOptions::default(),
+            session: SessionParams::default(),
+            max_tokens: 256,
+            sampling: Sampling::Greedy,
+            max_history_turns: 4,
+            max_conversations: 16,
+        }
+    }
+}
+
+/// Milliseconds per stage of one call.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Timings {
+    pub preprocess_ms: f64,
+    pub encode_ms: f64,
+    pub prefill_ms: f64,
+    pub generate_ms: f64,
+    pub head_ms: f64,
+    pub total_ms: f64,
+    /// Prompt positions, and how many came from the KV cache.
+    pub prompt_positions: usize,
+    pub reused_positions: usize,
+    pub generated_tokens: usize,
+}
+
+/// One pose: SMPL parameters, the head's raw output and how sure the LLM was of the pose token.
+#[derive(Debug, Clone, Serialize)]
+pub struct Pose {
+    #[serde(flatten)]
+    pub smpl: SmplPose,
+    /// Softmax probability of the pose token at the position the head read.
+    pub confidence: f32,
+    /// The head's 144 outputs (24 × 6D).
+    #[serde(skip)]
+    pub raw: [f32; HEAD_OUTPUTS],
+    /// The hidden state the head read.
+    #[serde(skip)]
+    pub hidden: Vec<f32>,
+}
+
+/// A pose from the per-frame path, with its timings.
+#[derive(Debug, Clone, Serialize)]
+pub struct FramePose {
+    #[serde(flatten)]
+    pub pose: Pose,
+    pub timings: Timings,
+}
+
+/// The answer to [`PoseGpt::ask`].
+#[derive(Debug, Clone, Serialize)]
+pub struct Reply {
+    /// The answer, with one [`POSE_MARKER`] per entry of `poses`.
+    pub text: String,
+    pub poses: Vec<Pose>,
+    pub stop_reason: crate::llm::StopReason,
+    pub timings: Timings,
+}
+
+#[derive(Debug, Clone)]
+struct Turn {
+    user: String,
+    image: Option<Arc<Vec<f32>>>,
+    /// The answer as the model wrote it (pose tokens as their text), for the next prompt.
+    assistant: String,
+}
+
+#[derive(Debug, Default)]
+struct Conversation {
+    turns: Vec<Turn>,
+    last_used: u64,
+}
+
+/// A loaded PoseGPT bundle with its LLM session.
+pub struct PoseGpt {
+    bundle: Bundle,
+    session: Session,
+    options: RuntimeOptions,
+    conversations: HashMap<String, Conversation>,
+    clock: u64,
+    /// The per-frame prompt's tokens before and after the image, fixed by the manifest.
+    frame: (Vec<Token>, Vec<Token>),
+}
+
+impl PoseGpt {
+    /// Load and check a bundle, and create the LLM session.
+    pub fn load(dir: &Path, options: RuntimeOptions) -> Result<Self, PoseGptError> {
+        let bundle = Bundle::load(dir, &options.load)?;
+        let session = Session::new(bundle.llm.clone(), &options.session)?;
+        let mut pg = Self {
+            bundle,
+            session,
+            options,
+            conversations: HashMap::new(),
+            clock: 0,
+            frame: (Vec::new(), Vec::new()),
+        };
+        pg.frame = pg.build_frame_tokens()?;
+        Ok(pg)
+    }
+
+    pub fn bundle(&self) -> &Bundle {
+        &self.bundle
+    }
+
+    /// The LLM session (its KV cache holds the last prompt).
+    pub fn session_mut(&mut self) -> &mut Session {
+        &mut self.session
+    }
+
+    /// Image embeddings for an image: `[tokens, n_embd]`, row-major.
+    pub fn encode_image(&self, img: &RgbImage) -> Result<Vec<f32>, PoseGptError> {
+        Ok(self.bundle.vision.encode(img)?)
+    }
+
+    /// The per-frame prompt as token runs around the image: (before, after).
+    pub fn frame_tokens(&self) -> (&[Token], &[Token]) {
+        (&self.frame.0, &self.frame.1)
+    }
+
+    fn build_frame_tokens(&self) -> Result<(Vec<Token>, Vec<Token>), PoseGptError> {
+        let m = &self.bundle.manifest;
+        let text = format!(
+            "{}{}{}",
+            m.system_text(),
+            m.user_turn(&m.frame.instruction, true),
+            m.assistant_open(&m.frame.answer_prefix)
+        );
+        let no_image = Arc::new(Vec::new());
+        let runs = self.prompt_runs(&text, std::slice::from_ref(&no_image))?;
+        let mut runs = runs.into_iter().filter_map(|r| match r {
+            Run::Tokens(t) => Some(t),
+            Run::Image(_) => None,
+        });
+        let before = runs.next().unwrap_or_default();
+        let after = runs.next().unwrap_or_default();
+        Ok((before, after))
+    }
+
+    /// The per-frame fast path: image → pose (see the module docs).
+    pub fn pose(&mut self, img: &RgbImage) -> Result<FramePose, PoseGptError> {
+        let t0 = Instant::now();
+        let pixels = preprocess(img, self.bundle.vision.spec());
+        let t1 = Instant::now();
+        let embeddings = self.bundle.vision.encode_pixels(&pixels)?;
+        let t2 = Instant::now();
+        let mut pose = self.pose_from_embeddings(&embeddings)?;
+        pose.timings.preprocess_ms = ms(t1 - t0);
+        pose.timings.encode_ms = ms(t2 - t1);
+        pose.timings.total_ms = ms(t0.elapsed());
+        Ok(pose)
+    }
+
+    /// The fast path from image embeddings already computed.
+    pub fn pose_from_embeddings(&mut self, embeddings: &[f32]) -> Result<FramePose, PoseGptError> {
+        let t0 = Instant::now();
+        let out = self.session.prefill(
+            &[
+                Segment::Tokens(&self.frame.0),
+                Segment::Embeddings(embeddings),
+                Segment::Tokens(&self.frame.1),
+            ],
+            true,
+        )?;
+        let t1 = Instant::now();
+        let hidden = out.hidden.ok_or(LlmError::NoOutput {
+            what: "hidden state",
+        })?;
+        let confidence = crate::llm::probability_of(&out.logits, self.bundle.pose_token);
+        let pose = self.head_pose(hidden, confidence)?;
+        let timings = Timings {
+            prefill_ms: ms(t1 - t0),
+            head_ms: ms(t1.elapsed()),
+            prompt_positions: out.position + 1,
+            reused_positions: self.session.last_reused_positions(),
+            ..Timings::default()
+        };
+        Ok(FramePose { pose, timings })
+    }
+
+    /// Run the pose head on a hidden state.
+    pub fn head_pose(&self, hidden: Vec<f32>, confidence: f32) -> Result<Pose, PoseGptError> {
+        let raw = self.bundle.head.run(&hidden)?;
+        Ok(Pose {
+            smpl: SmplPose::from_rot6d(&raw),
+            confidence,
+            raw,
+            hidden,
+        })
+    }
+
+    /// Chat about people: a question, optionally an image, optionally a conversation id whose
+    /// earlier turns (at most `max_history_turns`) precede it.
+    pub fn ask(
+        &mut self,
+        question: &str,
+        image: Option<&RgbImage>,
+        conversation: Option<&str>,
+    ) -> Result<Reply, PoseGptError> {
+        let question = question.trim();
+        if question.is_empty() {
+            return Err(PoseGptError::EmptyQuestion);
+        }
+        // A marker typed by the user must not split the prompt.
+        let question = question.replace(&self.bundle.manifest.prompt.image_marker, "");
+        let t0 = Instant::now();
+        let image = match image {
+            Some(img) => Some(Arc::new(self.encode_image(img)?)),
+            None => None,
+        };
+        let t1 = Instant::now();
+        let history = conversation
+            .and_then(|id| self.conversations.get(id))
+            .map(|c| c.turns.clone())
+            .unwrap_or_default();
+
+        let m = &self.bundle.manifest;
+        let mut text = m.system_text();
+        let mut images = Vec::new();
+        for turn in &history {
+            text.push_str(&m.user_turn(&turn.user, turn.image.is_some()));
+            images.extend(turn.image.clone());
+            text.push_str(&m.assistant_turn(&turn.assistant));
+        }
+        text.push_str(&m.user_turn(&question, image.is_some()));
+        images.extend(image.clone());
+        text.push_str(&m.assistant_open(""));
+        let runs = self.prompt_runs(&text, &images)?;
+        let segments: Vec<Segment<'_>> = runs.iter().map(Run::segment).collect();
+        let params = GenerateParams {
+            max_tokens: self.options.max_tokens,
+            stop: m.prompt.stop.clone(),
+            sampling: self.options.sampling.clone(),
+            capture: vec![self.bundle.pose_token],
+            capture_marker: Some(POSE_MARKER.to_string()),
+        };
+        let generation = self.session.generate(&segments, &params)?;
+        let t2 = Instant::now();
+        let mut poses = Vec::with_capacity(generation.captured.len());
+        for c in &generation.captured {
+            poses.push(self.head_pose(c.hidden.clone(), c.probability)?);
+        }
+        let text = generation.text.trim().to_string();
+        if let Some(id) = conversation {
+            let model_text = text.replace(POSE_MARKER, &self.bundle.manifest.prompt.pose_token);
+            self.remember(
+                id,
+                Turn {
+                    user: question,
+                    image,
+                    assistant: model_text,
+                },
+            );
+        }
+        Ok(Reply {
+            text,
+            poses,
+            stop_reason: generation.stop_reason,
+            timings: Timings {
+                encode_ms: ms(t1 - t0),
+                prefill_ms: ms(generation.prefill_time),
+                generate_ms: ms(generation.generate_time),
+                head_ms: ms(t2.elapsed()),
+                total_ms: ms(t0.elapsed()),
+                prompt_positions: generation.prompt_positions,
+                reused_positions: generation.reused_positions,
+                generated_tokens: generation.tokens.len(),
+                ..Timings::default()
+            },
+        })
+    }
+
+    /// Turns kept for a conversation.
+    pub fn history_len(&self, conversation: &str) -> usize {
+        self.conversations
+            .get(conversation)
+            .map_or(0, |c| c.turns.len())
+    }
+
+    /// Forget a conversation.
+    pub fn forget(&mut self, conversation: &str) {
+        self.conversations.remove(conversation);
+    }
+
+    fn remember(&mut self, id: &str, turn: Turn) {
+        self.clock += 1;
+        let clock = self.clock;
+        let max_turns = self.options.max_history_turns;
+        let conv = self.conversations.entry(id.to_string()).or_default();
+        conv.turns.push(turn);
+        if conv.turns.len() > max_turns {
+            let excess = conv.turns.len() - max_turns;
+            conv.turns.drain(..excess);
+        }
+        conv.last_used = clock;
+        while self.conversations.len() > self.options.max_conversations.max(1) {
+            let oldest = self
+                .conversations
+                .iter()
+                .min_by_key(|(_, c)| c.last_used)
+                .map(|(k, _)| k.clone());
+            match oldest {
+                Some(k) => {
+                    log::debug!("dropping conversation {k:?} (too many kept)");
+                    self.conversations.remove(&k);
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// Split the prompt text at the image marker and tokenize each piece on its own, BOS on
+    /// the first only (LLaVA's `tokenizer_image_token`); `images[i]` goes after piece i.
+    fn prompt_runs(&self, text: &str, images: &[Arc<Vec<f32>>]) -> Result<Vec<Run>, PoseGptError> {
+        let llm = &self.bundle.llm;
+        let marker = self.bundle.manifest.prompt.image_marker.as_str();
+        let mut runs = Vec::new();
+        for (i, piece) in text.split(marker).enumerate() {
+            if i > 0 {
+                let image = images.get(i - 1).cloned().unwrap_or_default();
+                runs.push(Run::Image(image));
+            }
+            let add_bos = i == 0 && llm.adds_bos();
+            if !piece.is_empty() || add_bos {
+                runs.push(Run::Tokens(llm.tokenize(piece, add_bos, true)?));
+            }
+        }
+        Ok(runs)
+    }
+}
+
+enum Run {
+    Tokens(Vec<Token>),
+    Image(Arc<Vec<f32>>),
+}
+
+impl Run {
+    fn segment(&self) -> Segment<'_> {
+        match self {
+            Run::Tokens(t) => Segment::Tokens(t),
+            Run::Image(e) => Segment::Embeddings(e),
+        }
+    }
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}

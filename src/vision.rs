@@ -1,0 +1,420 @@
+//! Image preprocessing and the vision encoder (CLIP-style tower + projector, ONNX run by tract).
+//!
+//! Preprocessing is pure and follows what the model was trained with, as the bundle manifest
+//! says:
+//! * `crop` — the CLIP image processor that ChatPose runs: the short side resized to `size`
+//!   with bicubic filtering, the long side to `int(long * size / short)`, then a centre crop
+//!   (offsets rounded down);
+//! * `pad` — LLaVA's pad-to-square: the image pasted centred on a square of the mean colour,
+//!   then resized to `size`.
+//!
+//! Then [0,1] scaling and per-channel mean/std normalisation, as planar CHW floats.
+//!
+//! The resize reproduces Pillow's bicubic (what the CLIP processor calls) exactly: a separable
+//! cubic kernel with a = -0.5 whose support widens by the scale factor when shrinking,
+//! weights normalised and rounded to 22-bit fixed point, a horizontal pass then a vertical one,
+//! each rounded and clipped to 8 bits. Generic bicubic filters differ from it by up to ~18
+//! levels on real images, which would move the pose.
+
+use std::path::{Path, PathBuf};
+use tract_onnx::prelude::*;
+
+/// How an image is brought to the encoder's square input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResizeMode {
+    Crop,
+    Pad,
+}
+
+/// The encoder's input: side length, normalisation and resize mode (from the manifest).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageSpec {
+    pub size: u32,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    pub mode: ResizeMode,
+}
+
+/// An 8-bit RGB image, row-major, 3 bytes per pixel.
+pub type RgbImage = image::RgbImage;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VisionError {
+    #[error("cannot read image {path}: {cause}")]
+    ReadImage {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+    #[error("{what} is not a JPEG or PNG image this build can decode ({reason}); pass a .jpg or .png file")]
+    NotAnImage { what: String, reason: String },
+    #[error("image {what} is empty (0 pixels wide or high)")]
+    EmptyImage { what: String },
+    #[error("vision encoder {path}: {reason}")]
+    Model { path: PathBuf, reason: String },
+    #[error("vision encoder {path} outputs {got:?}, expected [tokens, n_embd] with n_embd = {n_embd}; the bundle's vision.onnx does not fit its LLM")]
+    OutputShape {
+        path: PathBuf,
+        got: Vec<usize>,
+        n_embd: usize,
+    },
+    #[error("vision encoder failed on an image: {0}")]
+    Run(String),
+}
+
+/// Decode a JPEG or PNG from memory. `what` names the source in errors (a path, "inline image").
+pub fn decode_image(bytes: &[u8], what: &str) -> Result<RgbImage, VisionError> {
+    let format = image::guess_format(bytes).map_err(|e| VisionError::NotAnImage {
+        what: what.to_string(),
+        reason: e.to_string(),
+    })?;
+    if !matches!(format, image::ImageFormat::Jpeg | image::ImageFormat::Png) {
+        return Err(VisionError::NotAnImage {
+            what: what.to_string(),
+            reason: format!("it is {format:?}"),
+        });
+    }
+    let img = image::load_from_memory_with_format(bytes, format)
+        .map_err(|e| VisionError::NotAnImage {
+            what: what.to_string(),
+            reason: e.to_string(),
+        })?
+        .to_rgb8();
+    if img.width() == 0 || img.height() == 0 {
+        return Err(VisionError::EmptyImage {
+            what: what.to_string(),
+        });
+    }
+    Ok(img)
+}
+
+/// Read and decode an image file.
+pub fn load_image(path: &Path) -> Result<RgbImage, VisionError> {
+    let bytes = std::fs::read(path).map_err(|cause| VisionError::ReadImage {
+        path: path.to_path_buf(),
+        cause,
+    })?;
+    decode_image(&bytes, &path.display().to_string())
+}
+
+/// Bring an image to the encoder's input: resize/crop or pad per `spec`, scale to [0,1],
+/// normalise. Returns planar CHW floats, `3 * size * size` of them.
+pub fn preprocess(img: &RgbImage, spec: &ImageSpec) -> Vec<f32> {
+    normalise(&to_square(img, spec), spec)
+}
+
+/// The 8-bit `size`×`size` image the encoder sees, before normalisation.
+pub fn to_square(img: &RgbImage, spec: &ImageSpec) -> RgbImage {
+    let size = spec.size;
+    match spec.mode {
+        ResizeMode::Crop => {
+            let (w, h) = img.dimensions();
+            let (short, long) = if w <= h { (w, h) } else { (h, w) };
+            // The CLIP processor's size rule: int(long * size / short), in floating point.
+            let new_long = ((long as f64) * (size as f64) / (short as f64)) as u32;
+            let (nw, nh) = if w <= h {
+                (size, new_long)
+            } else {
+                (new_long, size)
+            };
+            let resized = resize_bicubic(img, nw, nh);
+            let (left, top) = ((nw - size) / 2, (nh - size) / 2);
+            image::imageops::crop_imm(&resized, left, top, size, size).to_image()
+        }
+        ResizeMode::Pad => {
+            let (w, h) = img.dimensions();
+            let side = w.max(h);
+            let fill = image::Rgb(spec.mean.map(|m| (m * 255.0) as u8));
+            let mut canvas = RgbImage::from_pixel(side, side, fill);
+            image::imageops::replace(
+                &mut canvas,
+                img,
+                ((side - w) / 2) as i64,
+                ((side - h) / 2) as i64,
+            );
+            resize_bicubic(&canvas, size, size)
+        }
+    }
+}
+
+/// Scale to [0,1] and normalise per channel; planar CHW.
+pub fn normalise(square: &RgbImage, spec: &ImageSpec) -> Vec<f32> {
+    let plane = (square.width() * square.height()) as usize;
+    let mut out = vec![0f32; 3 * plane];
+    for (i, px) in square.pixels().enumerate() {
+        for c in 0..3 {
+            out[c * plane + i] = (px[c] as f32 / 255.0 - spec.mean[c]) / spec.std[c];
+        }
+    }
+    out
+}
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+fn bicubic(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+/// Per output index: the first input index and the fixed-point weights of its window.
+struct Coeffs {
+    windows: Vec<(usize, Vec<i32>)>,
+}
+
+fn coeffs(in_size: u32, out_size: u32) -> Coeffs {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = 2.0 * filterscale;
+    let windows = (0..out_size)
+        .map(|xx| {
+            let center = (xx as f64 + 0.5) * scale;
+            let ss = 1.0 / filterscale;
+            // Truncating casts of (value + 0.5), exactly as the reference rounds.
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+            let w: Vec<f64> = (xmin..xmax)
+                .map(|x| bicubic((x as f64 - center + 0.5) * ss))
+                .collect();
+            let total: f64 = w.iter().sum();
+            let fixed = w
+                .iter()
+                .map(|&v| {
+                    let v = if total != 0.0 { v / total } else { v };
+                    let scaled = v * (1u32 << PRECISION_BITS) as f64;
+                    if v < 0.0 {
+                        (scaled - 0.5) as i32
+                    } else {
+                        (scaled + 0.5) as i32
+                    }
+                })
+                .collect();
+            (xmin, fixed)
+        })
+        .collect();
+    Coeffs { windows }
+}
+
+fn clip8(v: i64) -> u8 {
+    (v >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// Pillow-exact bicubic resize (see the module docs). A pass whose size does not change is
+/// skipped, as in the reference.
+pub fn resize_bicubic(img: &RgbImage, width: u32, height: u32) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let horizontal = if width != w {
+        let c = coeffs(w, width);
+        let mut out = RgbImage::new(width, h);
+        let src = img.as_raw();
+        let dst: &mut [u8] = &mut out;
+        for y in 0..h as usize {
+            let row = &src[y * w as usize * 3..(y + 1) * w as usize * 3];
+            for (xx, (xmin, k)) in c.windows.iter().enumerate() {
+                for ch in 0..3 {
+                    let mut ss: i64 = 1 << (PRECISION_BITS - 1);
+                    for (i, &kw) in k.iter().enumerate() {
+                        ss += row[(xmin + i) * 3 + ch] as i64 * kw as i64;
+                    }
+                    dst[(y * width as usize + xx) * 3 + ch] = clip8(ss);
+                }
+            }
+        }
+        out
+    } else {
+        img.clone()
+    };
+    if height == h {
+        return horizontal;
+    }
+    let c = coeffs(h, height);
+    let mut out = RgbImage::new(width, height);
+    let src = horizontal.as_raw();
+    let stride = width as usize * 3;
+    let dst: &mut [u8] = &mut out;
+    for (yy, (ymin, k)) in c.windows.iter().enumerate() {
+        for x in 0..stride {
+            let mut ss: i64 = 1 << (PRECISION_BITS - 1);
+            for (i, &kw) in k.iter().enumerate() {
+                ss += src[(ymin + i) * stride + x] as i64 * kw as i64;
+            }
+            dst[yy * stride + x] = clip8(ss);
+        }
+    }
+    out
+}
+
+/// The vision tower + projector: normalised pixels `[1,3,S,S]` → image embeddings `[N, n_embd]`.
+pub struct VisionEncoder {
+    plan: std::sync::Arc<TypedRunnableModel>,
+    spec: ImageSpec,
+    n_tokens: usize,
+    n_embd: usize,
+}
+
+impl VisionEncoder {
+    /// Load and optimise the ONNX model for a fixed input size, and check that its output is
+    /// `[tokens, n_embd]`.
+    pub fn load(path: &Path, spec: &ImageSpec, n_embd: usize) -> Result<Self, VisionError> {
+        let err = |reason: String| VisionError::Model {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let s = spec.size as usize;
+        let model = tract_onnx::onnx()
+            .model_for_path(path)
+            .map_err(|e| err(format!("cannot read it as ONNX: {e:#}")))?
+            .with_input_fact(0, f32::fact([1, 3, s, s]).into())
+            .map_err(|e| err(format!("cannot set its input to [1,3,{s},{s}]: {e:#}")))?
+            .into_optimized()
+            .map_err(|e| {
+                err(format!(
+                    "cannot optimise it for a [1,3,{s},{s}] input: {e:#}"
+                ))
+            })?;
+        let out_fact = model
+            .output_fact(0)
+            .map_err(|e| err(format!("no output: {e:#}")))?;
+        let got: Vec<usize> = out_fact
+            .shape
+            .as_concrete()
+            .map(|d| d.to_vec())
+            .unwrap_or_default();
+        if got.len() != 2 || got[1] != n_embd {
+            return Err(VisionError::OutputShape {
+                path: path.to_path_buf(),
+                got,
+                n_embd,
+            });
+        }
+        let plan = model
+            .into_runnable()
+            .map_err(|e| err(format!("cannot prepare it to run: {e:#}")))?;
+        Ok(Self {
+            plan,
+            spec: spec.clone(),
+            n_tokens: got[0],
+            n_embd,
+        })
+    }
+
+    /// Number of image tokens (embedding rows) per image.
+    pub fn n_tokens(&self) -> usize {
+        self.n_tokens
+    }
+
+    pub fn spec(&self) -> &ImageSpec {
+        &self.spec
+    }
+
+    /// Encode preprocessed pixels (from [`preprocess`]) to `n_tokens * n_embd` floats.
+    pub fn encode_pixels(&self, pixels: &[f32]) -> Result<Vec<f32>, VisionError> {
+        let s = self.spec.size as usize;
+        let input = tract_ndarray::Array4::from_shape_vec((1, 3, s, s), pixels.to_vec())
+            .map_err(|e| VisionError::Run(format!("pixel buffer: {e}")))?;
+        let out = self
+            .plan
+            .run(tvec!(Tensor::from(input).into()))
+            .map_err(|e| VisionError::Run(format!("{e:#}")))?;
+        let view = out[0]
+            .to_plain_array_view::<f32>()
+            .map_err(|e| VisionError::Run(format!("{e:#}")))?;
+        let data: Vec<f32> = view.iter().copied().collect();
+        debug_assert_eq!(data.len(), self.n_tokens * self.n_embd);
+        Ok(data)
+    }
+
+    /// Preprocess and encode an image.
+    pub fn encode(&self, img: &RgbImage) -> Result<Vec<f32>, VisionError> {
+        self.encode_pixels(&preprocess(img, &self.spec))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gradient(w: u32, h: u32) -> RgbImage {
+        RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([
+                (x * 255 / w.max(1)) as u8,
+                (y * 255 / h.max(1)) as u8,
+                ((x * 7 + y * 13) % 256) as u8,
+            ])
+        })
+    }
+
+    #[test]
+    fn kernel_weights_are_normalised_and_symmetric() {
+        let c = coeffs(100, 37);
+        for (_, k) in &c.windows {
+            let sum: i64 = k.iter().map(|&v| v as i64).sum();
+            // Rounding each weight moves the sum by at most half a unit per tap.
+            assert!((sum - (1 << PRECISION_BITS)).abs() <= k.len() as i64);
+        }
+        // Upscaling by 2: the interior window has 5 taps (support 2), mirrored weights pairs.
+        let up = coeffs(10, 20);
+        assert!(up.windows[10].1.len() <= 5);
+    }
+
+    #[test]
+    fn same_size_resize_is_identity_and_constant_stays_constant() {
+        let img = gradient(17, 9);
+        assert_eq!(resize_bicubic(&img, 17, 9), img);
+        let flat = RgbImage::from_pixel(31, 23, image::Rgb([200, 10, 90]));
+        let r = resize_bicubic(&flat, 12, 40);
+        assert!(r.pixels().all(|p| p.0 == [200, 10, 90]));
+    }
+
+    #[test]
+    fn crop_and_pad_differ_for_a_non_square_image_only() {
+        let spec = |mode| ImageSpec {
+            size: 16,
+            mean: [0.5, 0.4, 0.3],
+            std: [0.2, 0.25, 0.3],
+            mode,
+        };
+        let wide = gradient(40, 20);
+        let a = preprocess(&wide, &spec(ResizeMode::Crop));
+        let b = preprocess(&wide, &spec(ResizeMode::Pad));
+        assert_eq!(a.len(), 3 * 16 * 16);
+        assert!(a.iter().zip(&b).any(|(x, y)| (x - y).abs() > 0.1));
+        let square = gradient(32, 32);
+        assert_eq!(
+            preprocess(&square, &spec(ResizeMode::Crop)),
+            preprocess(&square, &spec(ResizeMode::Pad))
+        );
+    }
+
+    #[test]
+    fn pad_fills_with_the_mean_colour_which_normalises_to_zero() {
+        let spec = ImageSpec {
+            size: 8,
+            mean: [0.2, 0.6, 1.0],
+            std: [0.5, 0.5, 0.5],
+            mode: ResizeMode::Pad,
+        };
+        // A 1-pixel-high strip: almost all of the square is padding.
+        let strip = RgbImage::from_pixel(64, 2, image::Rgb([255, 255, 255]));
+        let px = preprocess(&strip, &spec);
+        // Top-left pixel of each plane is padding: (byte(mean*255)/255 - mean)/std ≈ 0.
+        for c in 0..3 {
+            assert!(px[c * 64].abs() < 0.01, "channel {c}: {}", px[c * 64]);
+        }
+    }
+
+    #[test]
+    fn non_images_are_refused_with_their_name() {
+        let e = decode_image(b"definitely not an image", "notes.txt").unwrap_err();
+        assert!(e.to_string().contains("notes.txt"), "{e}");
+        // A GIF header is an image, but not one the daemon takes.
+        let e = decode_image(b"GIF89a\x01\x00\x01\x00\x00\x00\x00;", "anim.gif").unwrap_err();
+        assert!(e.to_string().contains("anim.gif"), "{e}");
+    }
+}

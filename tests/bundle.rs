@@ -1,0 +1,191 @@
+//! Every bundle error of the model runtime issue, on broken copies of models/test-tiny in a
+//! temporary folder: each must be one clear error naming the file (and key) at fault.
+
+use posegpt_edge::bundle::{Bundle, BundleError, LoadOptions};
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A fresh copy of the tiny bundle to break.
+fn copy_bundle() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(root().join("models/test-tiny")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    dir
+}
+
+fn load(dir: &Path) -> Result<Bundle, BundleError> {
+    Bundle::load(dir, &LoadOptions::default())
+}
+
+fn load_err(dir: &Path) -> String {
+    match load(dir) {
+        Ok(_) => panic!("bundle in {} loaded but should not", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn edit_manifest(dir: &Path, from: &str, to: &str) {
+    let path = dir.join("posegpt.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains(from), "manifest has no {from:?}");
+    std::fs::write(&path, text.replacen(from, to, 1)).unwrap();
+}
+
+fn assert_names(msg: &str, parts: &[&str]) {
+    for p in parts {
+        assert!(msg.contains(p), "error {msg:?} does not name {p:?}");
+    }
+}
+
+#[test]
+fn the_tiny_bundle_loads_and_reports_its_facts() {
+    let b = load(&root().join("models/test-tiny")).unwrap();
+    let f = b.facts();
+    assert_eq!(f.n_embd, 64);
+    assert_eq!(f.vocabulary, 515);
+    assert_eq!(f.image_tokens, 16);
+    assert_eq!(f.head_shape, [64, 144]);
+    assert_eq!(f.llm_architecture, "llama");
+    assert_eq!(f.pose_token, "<POSE>");
+}
+
+#[test]
+fn missing_folder_and_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-bundle");
+    assert_names(&load_err(&missing), &["no-such-bundle", "does not exist"]);
+    assert_names(&load_err(dir.path()), &["posegpt.toml", "missing"]);
+}
+
+#[test]
+fn missing_files() {
+    for (file, key) in [
+        ("llm.gguf", "files.llm"),
+        ("vision.onnx", "files.vision"),
+        ("pose_head.onnx", "files.pose_head"),
+    ] {
+        let dir = copy_bundle();
+        std::fs::remove_file(dir.path().join(file)).unwrap();
+        assert_names(&load_err(dir.path()), &[file, key, "missing"]);
+    }
+}
+
+#[test]
+fn corrupt_gguf() {
+    let dir = copy_bundle();
+    let path = dir.path().join("llm.gguf");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    assert_names(&load_err(dir.path()), &["llm.gguf"]);
+
+    std::fs::write(&path, b"this is not a model").unwrap();
+    assert_names(&load_err(dir.path()), &["llm.gguf", "not a GGUF"]);
+}
+
+#[test]
+fn corrupt_onnx() {
+    for file in ["vision.onnx", "pose_head.onnx"] {
+        let dir = copy_bundle();
+        let path = dir.path().join(file);
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() / 3]).unwrap();
+        assert_names(&load_err(dir.path()), &[file]);
+    }
+}
+
+#[test]
+fn manifest_key_missing_of_the_wrong_type_or_unknown() {
+    let dir = copy_bundle();
+    edit_manifest(dir.path(), "pose_token = \"<POSE>\"\n", "");
+    assert_names(&load_err(dir.path()), &["posegpt.toml", "pose_token"]);
+
+    let dir = copy_bundle();
+    edit_manifest(dir.path(), "size = 56", "size = \"fifty-six\"");
+    assert_names(&load_err(dir.path()), &["posegpt.toml", "size"]);
+
+    let dir = copy_bundle();
+    edit_manifest(dir.path(), "answer_prefix =", "answer_prefx =");
+    assert_names(&load_err(dir.path()), &["posegpt.toml", "answer_prefx"]);
+
+    let dir = copy_bundle();
+    edit_manifest(dir.path(), "mode = \"crop\"", "mode = \"stretch\"");
+    assert_names(&load_err(dir.path()), &["posegpt.toml", "stretch"]);
+
+    let dir = copy_bundle();
+    edit_manifest(dir.path(), "layout = \"rot6d\"", "layout = \"quat\"");
+    assert_names(&load_err(dir.path()), &["posegpt.toml", "pose_head.layout"]);
+
+    let dir = copy_bundle();
+    std::fs::write(dir.path().join("posegpt.toml"), "name = [unclosed").unwrap();
+    assert_names(&load_err(dir.path()), &["posegpt.toml"]);
+}
+
+#[test]
+fn special_tokens_must_be_single_tokens() {
+    let dir = copy_bundle();
+    edit_manifest(
+        dir.path(),
+        "pose_token = \"<POSE>\"",
+        "pose_token = \"[SEG]\"",
+    );
+    assert_names(
+        &load_err(dir.path()),
+        &["posegpt.toml", "prompt.pose_token", "[SEG]", "llm.gguf"],
+    );
+
+    let dir = copy_bundle();
+    edit_manifest(
+        dir.path(),
+        "image_start = \"<im_start>\"",
+        "image_start = \"<img>\"",
+    );
+    assert_names(&load_err(dir.path()), &["prompt.image_start", "<img>"]);
+
+    let dir = copy_bundle();
+    edit_manifest(
+        dir.path(),
+        "image_end = \"<im_end>\"",
+        "image_end = \"<im_stop>\"",
+    );
+    assert_names(&load_err(dir.path()), &["prompt.image_end", "<im_stop>"]);
+}
+
+#[test]
+fn models_that_do_not_fit_the_llm() {
+    let broken = root().join("tests/fixtures/broken");
+    let dir = copy_bundle();
+    std::fs::copy(
+        broken.join("vision-width-32.onnx"),
+        dir.path().join("vision.onnx"),
+    )
+    .unwrap();
+    assert_names(&load_err(dir.path()), &["vision.onnx", "n_embd = 64", "32"]);
+
+    let dir = copy_bundle();
+    std::fs::copy(
+        broken.join("head-input-32.onnx"),
+        dir.path().join("pose_head.onnx"),
+    )
+    .unwrap();
+    assert_names(
+        &load_err(dir.path()),
+        &["pose_head.onnx", "n_embd = 64", "32"],
+    );
+
+    let dir = copy_bundle();
+    std::fs::copy(
+        broken.join("head-output-100.onnx"),
+        dir.path().join("pose_head.onnx"),
+    )
+    .unwrap();
+    assert_names(&load_err(dir.path()), &["pose_head.onnx", "100", "144"]);
+
+    let dir = copy_bundle();
+    edit_manifest(dir.path(), "tokens = 16", "tokens = 576");
+    assert_names(&load_err(dir.path()), &["vision.onnx", "576", "16"]);
+}
