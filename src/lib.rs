@@ -24,8 +24,14 @@ pub mod posegpt;
 pub mod smpl;
 pub mod vision;
 
-/// Configure tract to run matrix products on `threads` threads (it uses one otherwise).
+/// Configure tract to run matrix products on `threads` threads (0 = all cores); tract uses
+/// one thread otherwise. The setting is process-wide.
 pub fn set_tract_threads(threads: usize) {
+    let threads = if threads > 0 {
+        threads
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    };
     if threads > 1 {
         tract_linalg::multithread::set_default_executor(
             tract_linalg::multithread::Executor::multithread(threads),

@@ -81,8 +81,8 @@ impl ModelArgs {
         } else {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         };
-        posegpt_edge::set_tract_threads(threads);
         RuntimeOptions {
+            vision_threads: threads,
             load: LoadOptions::default(),
             session: SessionParams {
                 n_threads: threads as i32,
@@ -114,12 +114,15 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Pose { model, image } => {
+            // The image first: a bad path fails before the model loads.
+            let started = std::time::Instant::now();
             let img = load_image(&image)?;
+            let decode_ms = started.elapsed().as_secs_f64() * 1e3;
             let mut pg = model.load(model.options())?;
             let pose = pg.pose(&img)?;
             log::info!(
-                "pose in {:.1} ms (preprocess {:.1}, encoder {:.1}, prefill {:.1}, head {:.1}); confidence {:.3}",
-                pose.timings.total_ms,
+                "pose in {:.1} ms (decode {decode_ms:.1}, preprocess {:.1}, encoder {:.1}, prefill {:.1}, head {:.1}); confidence {:.3}",
+                pose.timings.total_ms + decode_ms,
                 pose.timings.preprocess_ms,
                 pose.timings.encode_ms,
                 pose.timings.prefill_ms,

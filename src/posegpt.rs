@@ -49,6 +49,8 @@ pub enum PoseGptError {
 pub struct RuntimeOptions {
     pub load: LoadOptions,
     pub session: SessionParams,
+    /// Threads for the vision encoder's matrix products (0 = all cores).
+    pub vision_threads: usize,
     /// Most tokens one answer may have.
     pub max_tokens: usize,
     pub sampling: Sampling,
@@ -63,6 +65,7 @@ impl Default for RuntimeOptions {
         Self {
             load: LoadOptions::default(),
             session: SessionParams::default(),
+            vision_threads: 0,
             max_tokens: 256,
             sampling: Sampling::Greedy,
             max_history_turns: 4,
@@ -147,6 +150,7 @@ pub struct PoseGpt {
 impl PoseGpt {
     /// Load and check a bundle, and create the LLM session.
     pub fn load(dir: &Path, options: RuntimeOptions) -> Result<Self, PoseGptError> {
+        crate::set_tract_threads(options.vision_threads);
         let bundle = Bundle::load(dir, &options.load)?;
         let session = Session::new(bundle.llm.clone(), &options.session)?;
         let mut pg = Self {
@@ -266,11 +270,13 @@ impl PoseGpt {
         // A marker typed by the user must not split the prompt.
         let question = question.replace(&self.bundle.manifest.prompt.image_marker, "");
         let t0 = Instant::now();
-        let image = match image {
-            Some(img) => Some(Arc::new(self.encode_image(img)?)),
+        let pixels = image.map(|img| preprocess(img, self.bundle.vision.spec()));
+        let t1 = Instant::now();
+        let image = match pixels {
+            Some(px) => Some(Arc::new(self.bundle.vision.encode_pixels(&px)?)),
             None => None,
         };
-        let t1 = Instant::now();
+        let t1b = Instant::now();
         let history = conversation
             .and_then(|id| self.conversations.get(id))
             .map(|c| c.turns.clone())
@@ -319,7 +325,8 @@ impl PoseGpt {
             poses,
             stop_reason: generation.stop_reason,
             timings: Timings {
-                encode_ms: ms(t1 - t0),
+                preprocess_ms: ms(t1 - t0),
+                encode_ms: ms(t1b - t1),
                 prefill_ms: ms(generation.prefill_time),
                 generate_ms: ms(generation.generate_time),
                 head_ms: ms(t2.elapsed()),
