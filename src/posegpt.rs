@@ -334,7 +334,6 @@ impl PoseGpt {
                 prompt_positions: generation.prompt_positions,
                 reused_positions: generation.reused_positions,
                 generated_tokens: generation.tokens.len(),
-                ..Timings::default()
             },
         })
     }
