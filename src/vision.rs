@@ -410,6 +410,35 @@ mod tests {
     }
 
     #[test]
+    fn jpeg_and_png_both_decode() {
+        let img = RgbImage::from_fn(48, 32, |x, y| {
+            image::Rgb([(x * 5) as u8, (y * 7) as u8, 128])
+        });
+        for format in [image::ImageFormat::Jpeg, image::ImageFormat::Png] {
+            let mut bytes = std::io::Cursor::new(Vec::new());
+            image::DynamicImage::ImageRgb8(img.clone())
+                .write_to(&mut bytes, format)
+                .unwrap();
+            let back = decode_image(bytes.get_ref(), "frame").unwrap();
+            assert_eq!(back.dimensions(), (48, 32));
+            // PNG is lossless; JPEG stays close on a smooth gradient.
+            let worst = back
+                .as_raw()
+                .iter()
+                .zip(img.as_raw())
+                .map(|(a, b)| a.abs_diff(*b))
+                .max()
+                .unwrap();
+            let limit = if format == image::ImageFormat::Png {
+                0
+            } else {
+                24
+            };
+            assert!(worst <= limit, "{format:?}: max difference {worst}");
+        }
+    }
+
+    #[test]
     fn non_images_are_refused_with_their_name() {
         let e = decode_image(b"definitely not an image", "notes.txt").unwrap_err();
         assert!(e.to_string().contains("notes.txt"), "{e}");
