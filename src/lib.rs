@@ -18,6 +18,8 @@
 //! * [`smpl`] — rotation conventions (and, later, the body model).
 
 pub mod bundle;
+pub mod config;
+pub mod frame;
 pub mod llm;
 pub mod pose_head;
 pub mod posegpt;

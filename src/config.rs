@@ -1,0 +1,357 @@
+//! The daemon's configuration: one TOML file (`firmware-config/default.toml` documents every
+//! key and its default). Unknown keys are errors that name the key, so a misspelling never
+//! silently falls back to a default; values are checked at start with errors that name the key
+//! and say what is allowed.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub device: DeviceConfig,
+    pub model: ModelConfig,
+    pub source: SourceConfig,
+    pub pose: PoseStreamConfig,
+    pub requests: RequestConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeviceConfig {
+    /// Names this device in MQTT topics (`posegpt/<id>/...`).
+    pub id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Bundle folder; relative paths are taken from the config file's folder's parent
+    /// (the project root for files in firmware-config/), or from the working directory.
+    pub bundle: PathBuf,
+    /// CPU threads for the LLM and the vision encoder; 0 = all cores.
+    pub threads: usize,
+    /// LLM context length; 0 = the model's training length, capped at 4096.
+    pub n_ctx: u32,
+    /// Layers offloaded to the GPU on CUDA builds; -1 = all.
+    pub n_gpu_layers: i32,
+    /// Flash attention off and an F32 KV cache: slower, matches references.
+    pub exact: bool,
+    /// Most tokens in one answer.
+    pub max_tokens: usize,
+    /// Sampling temperature for answers; 0 = greedy.
+    pub temperature: f32,
+    pub top_k: i32,
+    pub top_p: f32,
+    pub seed: u32,
+    /// Earlier turns kept per conversation, and conversations kept.
+    pub max_history_turns: usize,
+    pub max_conversations: usize,
+}
+
+/// Where frames come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    /// One image, delivered again at `fps` when `loop` is on.
+    File,
+    /// Images of a folder in name order, paced at `fps`, optionally looped.
+    Dir,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourceConfig {
+    pub kind: SourceKind,
+    /// The image (file) or folder (dir); relative paths as for `model.bundle`.
+    pub path: PathBuf,
+    /// Frames per second the source delivers.
+    pub fps: f32,
+    /// Start again at the first image after the last.
+    #[serde(rename = "loop")]
+    pub looped: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoseStreamConfig {
+    /// Most pose messages per second; the stream runs at min(this, what the hardware sustains).
+    pub max_rate_hz: f32,
+    /// MQTT QoS of pose messages (0 or 1).
+    pub qos: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RequestConfig {
+    /// Questions waiting for the model; more are answered `busy`.
+    pub queue: usize,
+    /// Longest question text, in bytes.
+    pub max_text_bytes: usize,
+    /// Largest inline image, in bytes after base64 decoding.
+    pub max_image_bytes: usize,
+}
+
+impl Default for DeviceConfig {
+    fn default() -> Self {
+        Self {
+            id: "edge-01".into(),
+        }
+    }
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            bundle: "models/test-tiny".into(),
+            threads: 0,
+            n_ctx: 0,
+            n_gpu_layers: -1,
+            exact: false,
+            max_tokens: 256,
+            temperature: 0.0,
+            top_k: 40,
+            top_p: 0.95,
+            seed: 0,
+            max_history_turns: 4,
+            max_conversations: 16,
+        }
+    }
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        Self {
+            kind: SourceKind::Dir,
+            path: "models/samples".into(),
+            fps: 10.0,
+            looped: true,
+        }
+    }
+}
+
+impl Default for PoseStreamConfig {
+    fn default() -> Self {
+        Self {
+            max_rate_hz: 5.0,
+            qos: 0,
+        }
+    }
+}
+
+impl Default for RequestConfig {
+    fn default() -> Self {
+        Self {
+            queue: 8,
+            max_text_bytes: 4096,
+            max_image_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {cause}")]
+    Read {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("config {path}: `{key}` {problem}")]
+    Value {
+        path: PathBuf,
+        key: &'static str,
+        problem: String,
+    },
+}
+
+impl Config {
+    /// Read, parse and validate a config file. Relative paths inside it are resolved against
+    /// the file's location (see [`Config::resolve_paths`]).
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
+            path: path.to_path_buf(),
+            cause,
+        })?;
+        let mut config = Self::parse(&text, path)?;
+        config.resolve_paths(path);
+        Ok(config)
+    }
+
+    /// Parse and validate TOML text; `path` only names the source in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_path_buf(),
+            message: e.to_string().trim().to_string(),
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Relative paths in a config file under `<root>/firmware-config/` are relative to
+    /// `<root>`, so the shipped configs name `models/test-tiny` as the README does; elsewhere
+    /// they are relative to the config file's own folder.
+    pub fn resolve_paths(&mut self, config_path: &Path) {
+        let dir = config_path.parent().unwrap_or(Path::new("."));
+        let base = if dir.file_name().is_some_and(|n| n == "firmware-config") {
+            dir.parent().unwrap_or(Path::new("."))
+        } else {
+            dir
+        };
+        for p in [&mut self.model.bundle, &mut self.source.path] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key: &'static str, problem: String| {
+            Err(ConfigError::Value {
+                path: path.to_path_buf(),
+                key,
+                problem,
+            })
+        };
+        let id = &self.device.id;
+        if id.is_empty() || id.contains(['/', '+', '#']) || id.chars().any(char::is_whitespace) {
+            return bad(
+                "device.id",
+                format!("= {id:?}: must be non-empty, without '/', '+', '#' or spaces (it is an MQTT topic level)"),
+            );
+        }
+        if !(self.source.fps > 0.0 && self.source.fps <= 240.0) {
+            return bad(
+                "source.fps",
+                format!("= {}: must be in (0, 240]", self.source.fps),
+            );
+        }
+        if !(self.pose.max_rate_hz > 0.0 && self.pose.max_rate_hz <= 240.0) {
+            return bad(
+                "pose.max_rate_hz",
+                format!("= {}: must be in (0, 240]", self.pose.max_rate_hz),
+            );
+        }
+        if self.pose.qos > 1 {
+            return bad("pose.qos", format!("= {}: must be 0 or 1", self.pose.qos));
+        }
+        if self.requests.queue == 0 {
+            return bad("requests.queue", "= 0: must be at least 1".into());
+        }
+        if self.requests.max_text_bytes == 0 {
+            return bad("requests.max_text_bytes", "= 0: must be at least 1".into());
+        }
+        if self.model.max_tokens == 0 {
+            return bad("model.max_tokens", "= 0: must be at least 1".into());
+        }
+        if self.model.temperature < 0.0 || !self.model.temperature.is_finite() {
+            return bad(
+                "model.temperature",
+                format!("= {}: must be >= 0 (0 = greedy)", self.model.temperature),
+            );
+        }
+        if !(self.model.top_p > 0.0 && self.model.top_p <= 1.0) {
+            return bad(
+                "model.top_p",
+                format!("= {}: must be in (0, 1]", self.model.top_p),
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    }
+
+    #[test]
+    fn shipped_default_file_documents_exactly_the_code_defaults() {
+        let path = root().join("firmware-config/default.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let parsed = Config::parse(&text, &path).unwrap();
+        assert_eq!(parsed, Config::default());
+        // Every key is written out in the file (not left to a default).
+        for key in [
+            "id =",
+            "bundle =",
+            "threads =",
+            "n_ctx =",
+            "n_gpu_layers =",
+            "exact =",
+            "max_tokens =",
+            "temperature =",
+            "top_k =",
+            "top_p =",
+            "seed =",
+            "max_history_turns =",
+            "max_conversations =",
+            "kind =",
+            "path =",
+            "fps =",
+            "loop =",
+            "max_rate_hz =",
+            "qos =",
+            "queue =",
+            "max_text_bytes =",
+            "max_image_bytes =",
+        ] {
+            assert!(text.contains(key), "default.toml does not document {key}");
+        }
+    }
+
+    #[test]
+    fn shipped_jetson_example_is_valid() {
+        Config::load(&root().join("firmware-config/jetson-orin.toml")).unwrap();
+    }
+
+    #[test]
+    fn relative_paths_resolve_from_the_project_root_for_firmware_config() {
+        let c = Config::load(&root().join("firmware-config/default.toml")).unwrap();
+        assert!(
+            c.model.bundle.join("posegpt.toml").is_file(),
+            "{:?}",
+            c.model.bundle
+        );
+        assert!(c.source.path.is_dir(), "{:?}", c.source.path);
+    }
+
+    fn err(text: &str) -> String {
+        Config::parse(text, Path::new("test.toml"))
+            .expect_err("must be refused")
+            .to_string()
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = err("[model]\nbundel = \"x\"\n");
+        assert!(e.contains("bundel") && e.contains("test.toml"), "{e}");
+        let e = err("[source]\nfps = \"fast\"\n");
+        assert!(e.contains("fps"), "{e}");
+        let e = err("[source]\nkind = \"webcam\"\n");
+        assert!(e.contains("webcam"), "{e}");
+        let e = err("[pose]\nqos = 2\n");
+        assert!(e.contains("pose.qos"), "{e}");
+        let e = err("[device]\nid = \"a/b\"\n");
+        assert!(e.contains("device.id"), "{e}");
+        let e = err("[requests]\nqueue = 0\n");
+        assert!(e.contains("requests.queue"), "{e}");
+        let e = err("[model]\ntop_p = 1.5\n");
+        assert!(e.contains("model.top_p"), "{e}");
+        let e = err("[sauce]\n");
+        assert!(e.contains("sauce"), "{e}");
+    }
+
+    #[test]
+    fn an_empty_file_is_all_defaults() {
+        assert_eq!(
+            Config::parse("", Path::new("x.toml")).unwrap(),
+            Config::default()
+        );
+    }
+}

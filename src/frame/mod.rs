@@ -1,0 +1,292 @@
+//! Frame sources and the latest-frame slot between capture and inference.
+//!
+//! A source runs on its own thread and puts every frame into a [`LatestFrame`] slot; the
+//! inference worker takes the newest one when it is ready for the next. A slow model therefore
+//! never builds a queue: a frame replaced before it was taken is dropped and counted.
+//!
+//! The slot is a mutex + condition variable rather than a channel because the consumer is a
+//! blocking worker thread and "dropped" needs take semantics: a frame counts as used only when
+//! the worker took it.
+
+mod files;
+
+pub use files::{DirSource, FileSource};
+
+use crate::config::{SourceConfig, SourceKind};
+use crate::vision::RgbImage;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+/// One captured frame.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub rgb: Arc<RgbImage>,
+    /// Source sequence number, from 0, without gaps (dropped frames have numbers too).
+    pub seq: u64,
+    /// Wall-clock capture time (for messages) and a monotonic one (for latency).
+    pub captured_at: SystemTime,
+    pub captured_instant: Instant,
+    /// Where it came from (a file name), for logs.
+    pub origin: String,
+}
+
+impl Frame {
+    pub fn width(&self) -> u32 {
+        self.rgb.width()
+    }
+    pub fn height(&self) -> u32 {
+        self.rgb.height()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame source {path}: {problem}")]
+    Source {
+        path: std::path::PathBuf,
+        problem: String,
+    },
+}
+
+/// What a source yields on each call.
+pub enum Next {
+    Frame(RgbImage, String),
+    /// A frame could not be produced (e.g. an undecodable file); logged and skipped.
+    Skip(String),
+    /// The source is finished (a folder without `loop`).
+    End,
+}
+
+/// A blocking producer of images. `next` is called at the source's pace.
+pub trait FrameSource: Send {
+    fn next(&mut self) -> Next;
+    /// Human-readable description for logs.
+    fn describe(&self) -> String;
+}
+
+/// Build the configured source. Errors (missing path, empty folder) name the path.
+pub fn open_source(config: &SourceConfig) -> Result<Box<dyn FrameSource>, FrameError> {
+    Ok(match config.kind {
+        SourceKind::File => Box::new(FileSource::open(&config.path, config.looped)?),
+        SourceKind::Dir => Box::new(DirSource::open(&config.path, config.looped)?),
+    })
+}
+
+#[derive(Default)]
+struct SlotState {
+    frame: Option<Frame>,
+    closed: bool,
+}
+
+/// The newest frame, waiting for the inference worker.
+#[derive(Default)]
+pub struct LatestFrame {
+    state: Mutex<SlotState>,
+    ready: Condvar,
+    captured: AtomicU64,
+    dropped: AtomicU64,
+    skipped: AtomicU64,
+}
+
+impl LatestFrame {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Put a frame; one not yet taken is replaced and counted as dropped.
+    pub fn put(&self, frame: Frame) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.frame.replace(frame).is_some() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        self.captured.fetch_add(1, Ordering::Relaxed);
+        self.ready.notify_all();
+    }
+
+    /// Take the newest frame, waiting up to `timeout`. None on timeout or once the source has
+    /// ended and the slot is empty.
+    pub fn take(&self, timeout: Duration) -> Option<Frame> {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(f) = s.frame.take() {
+                return Some(f);
+            }
+            if s.closed {
+                return None;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            s = self
+                .ready
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// The source has ended: wake waiters; `take` returns None once the slot is empty.
+    pub fn close(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+        self.ready.notify_all();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).closed
+    }
+
+    /// Frames put so far.
+    pub fn captured(&self) -> u64 {
+        self.captured.load(Ordering::Relaxed)
+    }
+
+    /// Frames replaced before the worker took them.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Frames the source could not produce (undecodable files).
+    pub fn skipped(&self) -> u64 {
+        self.skipped.load(Ordering::Relaxed)
+    }
+}
+
+/// A running capture thread; stops when dropped or on [`Capture::stop`].
+pub struct Capture {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Capture {
+    /// Run `source` on its own thread at `fps`, putting frames into `slot`.
+    pub fn spawn(mut source: Box<dyn FrameSource>, fps: f32, slot: Arc<LatestFrame>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_flag = stop.clone();
+        let period = Duration::from_secs_f64(1.0 / fps.max(1e-3) as f64);
+        let handle = std::thread::Builder::new()
+            .name("capture".into())
+            .spawn(move || {
+                log::info!("capturing from {} at {fps} fps", source.describe());
+                let mut seq = 0u64;
+                let mut next_at = Instant::now();
+                while !stop_flag.load(Ordering::Relaxed) {
+                    match source.next() {
+                        Next::Frame(rgb, origin) => {
+                            slot.put(Frame {
+                                rgb: Arc::new(rgb),
+                                seq,
+                                captured_at: SystemTime::now(),
+                                captured_instant: Instant::now(),
+                                origin,
+                            });
+                            seq += 1;
+                        }
+                        Next::Skip(why) => {
+                            slot.skipped.fetch_add(1, Ordering::Relaxed);
+                            log::warn!("frame skipped: {why}");
+                        }
+                        Next::End => {
+                            log::info!(
+                                "frame source {} ended after {seq} frames",
+                                source.describe()
+                            );
+                            break;
+                        }
+                    }
+                    // Pace against a schedule, not a sleep per frame, so decode time does not
+                    // lower the rate; after a stall, restart the schedule instead of bursting.
+                    next_at += period;
+                    let now = Instant::now();
+                    if next_at > now {
+                        sleep_unless_stopped(next_at - now, &stop_flag);
+                    } else {
+                        next_at = now;
+                    }
+                }
+                slot.close();
+            })
+            .expect("spawn capture thread");
+        Self {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            if h.join().is_err() {
+                log::error!("capture thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn sleep_unless_stopped(total: Duration, stop: &AtomicBool) {
+    let step = Duration::from_millis(20);
+    let end = Instant::now() + total;
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if now >= end {
+            return;
+        }
+        std::thread::sleep(step.min(end - now));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(seq: u64) -> Frame {
+        Frame {
+            rgb: Arc::new(RgbImage::new(2, 2)),
+            seq,
+            captured_at: SystemTime::now(),
+            captured_instant: Instant::now(),
+            origin: format!("f{seq}"),
+        }
+    }
+
+    #[test]
+    fn the_slot_keeps_only_the_newest_frame_and_counts_the_rest() {
+        let slot = LatestFrame::new();
+        for i in 0..5 {
+            slot.put(frame(i));
+        }
+        assert_eq!(slot.take(Duration::ZERO).unwrap().seq, 4);
+        assert_eq!(slot.dropped(), 4);
+        assert_eq!(slot.captured(), 5);
+        assert!(slot.take(Duration::from_millis(10)).is_none());
+        slot.put(frame(5));
+        assert_eq!(slot.take(Duration::ZERO).unwrap().seq, 5);
+        assert_eq!(slot.dropped(), 4, "a frame that was taken is not dropped");
+    }
+
+    #[test]
+    fn a_waiting_taker_wakes_on_put_and_on_close() {
+        let slot = LatestFrame::new();
+        let s2 = slot.clone();
+        let t = std::thread::spawn(move || s2.take(Duration::from_secs(5)).map(|f| f.seq));
+        std::thread::sleep(Duration::from_millis(30));
+        slot.put(frame(9));
+        assert_eq!(t.join().unwrap(), Some(9));
+
+        let s3 = slot.clone();
+        let started = Instant::now();
+        let t = std::thread::spawn(move || s3.take(Duration::from_secs(5)).is_none());
+        std::thread::sleep(Duration::from_millis(30));
+        slot.close();
+        assert!(t.join().unwrap());
+        assert!(started.elapsed() < Duration::from_secs(4));
+    }
+}
