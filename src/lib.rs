@@ -23,6 +23,7 @@ pub mod frame;
 pub mod llm;
 pub mod pose_head;
 pub mod posegpt;
+pub mod protocol;
 pub mod smpl;
 pub mod vision;
 

@@ -1,0 +1,369 @@
+//! The MQTT JSON messages (docs/mqtt.md is the contract) and the validation of requests.
+//!
+//! Every request field is checked; a bad request becomes an [`ErrorReply`] with a stable
+//! `code` and a message naming the field, answered on the answer topic — never a crash and
+//! never silence.
+
+use crate::posegpt::{Pose, Reply, Timings};
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+/// `<base>/ask` payload.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AskRequest {
+    /// Chosen by the client; copied into the answer.
+    pub id: String,
+    /// The question.
+    pub text: String,
+    /// Which image the question is about (default: none).
+    #[serde(default)]
+    pub image: ImageRef,
+    /// Multi-turn: answers in the same conversation see its earlier turns.
+    #[serde(default)]
+    pub conversation: Option<String>,
+}
+
+/// The image of a request.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ImageRef {
+    /// No image: a text-only question.
+    #[default]
+    None,
+    /// The newest camera frame.
+    Live,
+    /// A JPEG or PNG, base64-encoded: `{"inline": "..."}`.
+    Inline(String),
+}
+
+/// Limits a request is checked against (from the config).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_text_bytes: usize,
+    pub max_image_bytes: usize,
+    pub max_id_bytes: usize,
+}
+
+/// A request that passed validation; an inline image is decoded to bytes (not yet to pixels).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidAsk {
+    pub id: String,
+    pub text: String,
+    pub image: ValidImage,
+    pub conversation: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ValidImage {
+    None,
+    Live,
+    Inline(Vec<u8>),
+}
+
+/// Error codes of `answer` messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The payload is not JSON (or not UTF-8).
+    BadJson,
+    /// A field is unknown, missing or of the wrong type.
+    InvalidRequest,
+    EmptyText,
+    TextTooLong,
+    /// The inline image is not base64, or not a JPEG/PNG.
+    BadImage,
+    ImageTooLarge,
+    /// `image: "live"` but no frame has been captured.
+    NoFrame,
+    /// The request queue is full; try again later.
+    Busy,
+    /// The daemon is stopping.
+    ShuttingDown,
+    /// The model failed on this request.
+    ModelError,
+}
+
+/// `{"code": ..., "message": ...}` inside an error answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// An error answer: the request id when one could be read, and the error.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    pub id: Option<String>,
+    pub error: ErrorBody,
+}
+
+impl ErrorReply {
+    pub fn new(id: Option<String>, code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            id,
+            error: ErrorBody {
+                code,
+                message: message.into(),
+            },
+        }
+    }
+}
+
+/// Check an `ask` payload. On failure the error carries the request id if the payload had a
+/// readable string `id`, so the client can match it.
+pub fn parse_ask(payload: &[u8], limits: &Limits) -> Result<ValidAsk, ErrorReply> {
+    let value: serde_json::Value = serde_json::from_slice(payload).map_err(|e| {
+        ErrorReply::new(
+            None,
+            ErrorCode::BadJson,
+            format!("the payload is not valid JSON: {e}"),
+        )
+    })?;
+    let id = value
+        .get("id")
+        .and_then(|v| v.as_str())
+        .map(|s| truncate(s, limits.max_id_bytes));
+    let fail = |code, message: String| ErrorReply::new(id.clone(), code, message);
+    if !value.is_object() {
+        return Err(fail(
+            ErrorCode::InvalidRequest,
+            "the payload must be a JSON object with fields id, text, image, conversation".into(),
+        ));
+    }
+    let req: AskRequest = serde_json::from_value(value.clone())
+        .map_err(|e| fail(ErrorCode::InvalidRequest, format!("field error: {e}")))?;
+    if req.id.is_empty() || req.id.len() > limits.max_id_bytes {
+        return Err(fail(
+            ErrorCode::InvalidRequest,
+            format!("field `id` must be 1..={} bytes", limits.max_id_bytes),
+        ));
+    }
+    if req.text.trim().is_empty() {
+        return Err(fail(ErrorCode::EmptyText, "field `text` is empty".into()));
+    }
+    if req.text.len() > limits.max_text_bytes {
+        return Err(fail(
+            ErrorCode::TextTooLong,
+            format!(
+                "field `text` has {} bytes, more than the limit of {}",
+                req.text.len(),
+                limits.max_text_bytes
+            ),
+        ));
+    }
+    if let Some(c) = &req.conversation {
+        if c.is_empty() || c.len() > limits.max_id_bytes {
+            return Err(fail(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "field `conversation` must be 1..={} bytes",
+                    limits.max_id_bytes
+                ),
+            ));
+        }
+    }
+    let image = match req.image {
+        ImageRef::None => ValidImage::None,
+        ImageRef::Live => ValidImage::Live,
+        ImageRef::Inline(b64) => {
+            // base64 grows data by 4/3: refuse before decoding what cannot fit.
+            if b64.len() / 4 * 3 > limits.max_image_bytes + 3 {
+                return Err(fail(
+                    ErrorCode::ImageTooLarge,
+                    format!(
+                        "field `image.inline` holds about {} bytes, more than the limit of {}",
+                        b64.len() / 4 * 3,
+                        limits.max_image_bytes
+                    ),
+                ));
+            }
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .map_err(|e| {
+                    fail(
+                        ErrorCode::BadImage,
+                        format!("field `image.inline` is not base64: {e}"),
+                    )
+                })?;
+            if bytes.len() > limits.max_image_bytes {
+                return Err(fail(
+                    ErrorCode::ImageTooLarge,
+                    format!(
+                        "field `image.inline` holds {} bytes, more than the limit of {}",
+                        bytes.len(),
+                        limits.max_image_bytes
+                    ),
+                ));
+            }
+            ValidImage::Inline(bytes)
+        }
+    };
+    Ok(ValidAsk {
+        id: req.id,
+        text: req.text,
+        image,
+        conversation: req.conversation,
+    })
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+/// A successful `<base>/answer` payload.
+#[derive(Debug, Clone, Serialize)]
+pub struct Answer<'a> {
+    pub id: &'a str,
+    pub text: &'a str,
+    pub poses: &'a [Pose],
+    pub stop_reason: crate::llm::StopReason,
+    pub timings: &'a Timings,
+}
+
+impl<'a> Answer<'a> {
+    pub fn new(id: &'a str, reply: &'a Reply) -> Self {
+        Self {
+            id,
+            text: &reply.text,
+            poses: &reply.poses,
+            stop_reason: reply.stop_reason,
+            timings: &reply.timings,
+        }
+    }
+}
+
+/// A `<base>/pose` payload: one processed frame.
+#[derive(Debug, Clone, Serialize)]
+pub struct PoseMessage<'a> {
+    /// Pose messages published, from 0.
+    pub seq: u64,
+    /// The frame's sequence number at the source (gaps = frames dropped).
+    pub frame_seq: u64,
+    /// Capture and publish times, milliseconds since the Unix epoch.
+    pub captured_at_ms: u64,
+    pub published_at_ms: u64,
+    /// From capture to publish.
+    pub latency_ms: f64,
+    /// One entry per person (PoseGPT reads one person per frame).
+    pub persons: &'a [Pose],
+    pub timings: &'a Timings,
+}
+
+/// A `<base>/stats` payload.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Stats {
+    pub uptime_s: f64,
+    pub pose_fps: f64,
+    pub latency_ms_p50: f64,
+    pub latency_ms_p95: f64,
+    pub latency_ms_p99: f64,
+    pub frames_captured: u64,
+    pub frames_dropped: u64,
+    pub frames_skipped: u64,
+    pub poses_published: u64,
+    pub asks_answered: u64,
+    pub asks_rejected: u64,
+    pub outbox_dropped: u64,
+    pub tokens_per_s: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_text_bytes: 64,
+        max_image_bytes: 1000,
+        max_id_bytes: 32,
+    };
+
+    fn code_of(payload: &str) -> (Option<String>, ErrorCode, String) {
+        let e = parse_ask(payload.as_bytes(), &LIMITS).expect_err("must be refused");
+        (e.id, e.error.code, e.error.message)
+    }
+
+    #[test]
+    fn valid_requests_parse() {
+        let a = parse_ask(br#"{"id":"q1","text":"hi"}"#, &LIMITS).unwrap();
+        assert_eq!(a.image, ValidImage::None);
+        let a = parse_ask(
+            br#"{"id":"q1","text":"hi","image":"live","conversation":"c"}"#,
+            &LIMITS,
+        )
+        .unwrap();
+        assert_eq!(a.image, ValidImage::Live);
+        assert_eq!(a.conversation.as_deref(), Some("c"));
+        let b64 = base64::engine::general_purpose::STANDARD.encode(b"\x89PNG....");
+        let a = parse_ask(
+            format!(r#"{{"id":"q1","text":"hi","image":{{"inline":"{b64}"}}}}"#).as_bytes(),
+            &LIMITS,
+        )
+        .unwrap();
+        assert_eq!(a.image, ValidImage::Inline(b"\x89PNG....".to_vec()));
+    }
+
+    #[test]
+    fn each_malformed_kind_gets_its_code_and_names_the_field() {
+        let (id, code, _) = code_of("{not json");
+        assert_eq!((id, code), (None, ErrorCode::BadJson));
+
+        let (id, code, msg) = code_of(r#"{"id":"q2","text":"hi","colour":"red"}"#);
+        assert_eq!(
+            (id.as_deref(), code),
+            (Some("q2"), ErrorCode::InvalidRequest)
+        );
+        assert!(msg.contains("colour"), "{msg}");
+
+        let (_, code, msg) = code_of(r#"{"id":"q3"}"#);
+        assert_eq!(code, ErrorCode::InvalidRequest);
+        assert!(msg.contains("text"), "{msg}");
+
+        let (_, code, msg) = code_of(r#"{"id":"q4","text":5}"#);
+        assert_eq!(code, ErrorCode::InvalidRequest);
+        assert!(msg.contains("string"), "{msg}");
+
+        let (_, code, _) = code_of(r#"{"id":"q5","text":"  "}"#);
+        assert_eq!(code, ErrorCode::EmptyText);
+
+        let long = "x".repeat(65);
+        let (_, code, msg) = code_of(&format!(r#"{{"id":"q6","text":"{long}"}}"#));
+        assert_eq!(code, ErrorCode::TextTooLong);
+        assert!(msg.contains("text") && msg.contains("64"), "{msg}");
+
+        let (_, code, msg) = code_of(r#"{"id":"q7","text":"hi","image":{"inline":"@@@"}}"#);
+        assert_eq!(code, ErrorCode::BadImage);
+        assert!(msg.contains("image.inline"), "{msg}");
+
+        let big = base64::engine::general_purpose::STANDARD.encode(vec![7u8; 2000]);
+        let (_, code, msg) = code_of(&format!(
+            r#"{{"id":"q8","text":"hi","image":{{"inline":"{big}"}}}}"#
+        ));
+        assert_eq!(code, ErrorCode::ImageTooLarge);
+        assert!(msg.contains("1000"), "{msg}");
+
+        let (_, code, msg) = code_of(r#"{"id":"q9","text":"hi","image":"camera"}"#);
+        assert_eq!(code, ErrorCode::InvalidRequest);
+        assert!(msg.contains("camera"), "{msg}");
+
+        let (_, code, _) = code_of(r#"["id","text"]"#);
+        assert_eq!(code, ErrorCode::InvalidRequest);
+
+        let (id, code, _) = code_of(r#"{"id":"","text":"hi"}"#);
+        assert_eq!((id.as_deref(), code), (Some(""), ErrorCode::InvalidRequest));
+    }
+
+    #[test]
+    fn error_replies_serialise_as_documented() {
+        let e = ErrorReply::new(Some("q1".into()), ErrorCode::Busy, "queue full");
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"id": "q1", "error": {"code": "busy", "message": "queue full"}})
+        );
+    }
+}
