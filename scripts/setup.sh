@@ -14,3 +14,9 @@ if ! command -v cargo >/dev/null 2>&1; then
     exit 1
 fi
 rustup component add rustfmt clippy 2>/dev/null || true
+# Debian starts a system mosquitto on port 1883 when the package is installed. posegpt-edge
+# brings its own (embedded) broker on that port when no broker is configured, and the tests
+# start mosquitto themselves on free ports, so the system service is switched off.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet mosquitto 2>/dev/null; then
+    $SUDO systemctl disable --now mosquitto || true
+fi

@@ -15,6 +15,7 @@ pub struct Config {
     pub source: SourceConfig,
     pub pose: PoseStreamConfig,
     pub requests: RequestConfig,
+    pub mqtt: MqttConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -91,6 +92,86 @@ pub struct RequestConfig {
     pub max_text_bytes: usize,
     /// Largest inline image, in bytes after base64 decoding.
     pub max_image_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// Broker URL `mqtt://host:port`; empty starts the embedded broker on 127.0.0.1.
+    pub url: String,
+    /// Embedded broker: MQTT 3.1.1 port; MQTT 5 listens on the next port.
+    pub embedded_port: u16,
+    /// Topics are `<topic_prefix>/<device.id>/...`.
+    pub topic_prefix: String,
+    /// Client id; empty = `posegpt-edge-<device.id>`.
+    pub client_id: String,
+    /// User name; empty = anonymous. The password is read from the environment variable
+    /// named by `password_env` (never from this file, never logged).
+    pub username: String,
+    pub password_env: String,
+    pub keep_alive_s: u64,
+    /// Answers and status messages kept while the broker is unreachable; the oldest is dropped
+    /// (and counted in stats) beyond this.
+    pub outbox: usize,
+    /// Seconds between `stats` messages.
+    pub stats_interval_s: f64,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            embedded_port: 1883,
+            topic_prefix: "posegpt".into(),
+            client_id: String::new(),
+            username: String::new(),
+            password_env: "POSEGPT_MQTT_PASSWORD".into(),
+            keep_alive_s: 30,
+            outbox: 256,
+            stats_interval_s: 10.0,
+        }
+    }
+}
+
+/// A broker address from `mqtt.url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddress {
+    pub host: String,
+    pub port: u16,
+}
+
+impl MqttConfig {
+    /// The broker to connect to, or None for the embedded one.
+    pub fn broker(&self) -> Result<Option<BrokerAddress>, String> {
+        if self.url.is_empty() {
+            return Ok(None);
+        }
+        let rest = self.url.strip_prefix("mqtt://").ok_or_else(|| {
+            format!(
+                "= {:?}: must start with mqtt:// (mqtts:// is not supported yet)",
+                self.url
+            )
+        })?;
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) => (
+                h,
+                p.parse::<u16>()
+                    .map_err(|_| format!("= {:?}: the port {p:?} is not a number", self.url))?,
+            ),
+            None => (rest, 1883),
+        };
+        if host.is_empty() {
+            return Err(format!("= {:?}: no host", self.url));
+        }
+        Ok(Some(BrokerAddress {
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            port,
+        }))
+    }
 }
 
 impl Default for DeviceConfig {
@@ -252,6 +333,38 @@ impl Config {
                 format!("= {}: must be >= 0 (0 = greedy)", self.model.temperature),
             );
         }
+        if let Err(problem) = self.mqtt.broker() {
+            return bad("mqtt.url", problem);
+        }
+        if self.mqtt.embedded_port == u16::MAX || self.mqtt.embedded_port == 0 {
+            return bad(
+                "mqtt.embedded_port",
+                format!(
+                    "= {}: must be in 1..65535 (the next port is used too)",
+                    self.mqtt.embedded_port
+                ),
+            );
+        }
+        let prefix = &self.mqtt.topic_prefix;
+        if prefix.is_empty() || prefix.contains(['+', '#']) {
+            return bad(
+                "mqtt.topic_prefix",
+                format!("= {prefix:?}: must be non-empty, without '+' or '#'"),
+            );
+        }
+        let interval = self.mqtt.stats_interval_s;
+        if !interval.is_finite() || interval <= 0.0 {
+            return bad(
+                "mqtt.stats_interval_s",
+                format!("= {}: must be > 0", self.mqtt.stats_interval_s),
+            );
+        }
+        if self.mqtt.keep_alive_s < 5 {
+            return bad(
+                "mqtt.keep_alive_s",
+                format!("= {}: must be >= 5", self.mqtt.keep_alive_s),
+            );
+        }
         if !(self.model.top_p > 0.0 && self.model.top_p <= 1.0) {
             return bad(
                 "model.top_p",
@@ -300,6 +413,15 @@ mod tests {
             "queue =",
             "max_text_bytes =",
             "max_image_bytes =",
+            "url =",
+            "embedded_port =",
+            "topic_prefix =",
+            "client_id =",
+            "username =",
+            "password_env =",
+            "keep_alive_s =",
+            "outbox =",
+            "stats_interval_s =",
         ] {
             assert!(text.contains(key), "default.toml does not document {key}");
         }
@@ -345,6 +467,31 @@ mod tests {
         assert!(e.contains("model.top_p"), "{e}");
         let e = err("[sauce]\n");
         assert!(e.contains("sauce"), "{e}");
+        let e = err("[mqtt]\nurl = \"http://x\"\n");
+        assert!(e.contains("mqtt.url"), "{e}");
+        let e = err("[mqtt]\nurl = \"mqtt://host:port\"\n");
+        assert!(e.contains("mqtt.url") && e.contains("port"), "{e}");
+    }
+
+    #[test]
+    fn broker_urls() {
+        let m = |url: &str| MqttConfig {
+            url: url.into(),
+            ..MqttConfig::default()
+        };
+        assert_eq!(m("").broker().unwrap(), None);
+        assert_eq!(
+            m("mqtt://10.1.2.3:1999").broker().unwrap(),
+            Some(BrokerAddress {
+                host: "10.1.2.3".into(),
+                port: 1999
+            })
+        );
+        assert_eq!(
+            m("mqtt://broker.local").broker().unwrap().unwrap().port,
+            1883
+        );
+        assert!(m("mqtts://x:8883").broker().is_err());
     }
 
     #[test]

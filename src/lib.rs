@@ -19,8 +19,10 @@
 
 pub mod bundle;
 pub mod config;
+pub mod daemon;
 pub mod frame;
 pub mod llm;
+pub mod mqtt;
 pub mod pose_head;
 pub mod posegpt;
 pub mod protocol;

@@ -21,6 +21,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the device daemon: frames in, poses and answers out over MQTT.
+    Run {
+        /// Daemon configuration (every key is documented in firmware-config/default.toml).
+        #[arg(long, default_value = "firmware-config/default.toml")]
+        config: PathBuf,
+    },
     /// Estimate the pose of the person in an image (per-frame fast path); prints JSON.
     Pose {
         #[command(flatten)]
@@ -101,10 +107,16 @@ impl ModelArgs {
 }
 
 fn main() {
-    env_logger::Builder::from_env(
+    let mut logger = env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or("info,llama.cpp=warn,tract=warn"),
-    )
-    .init();
+    );
+    // The embedded broker logs its tracing spans as ERROR lines, one per packet: keep it quiet
+    // unless RUST_LOG names it. Its start failures reach our own log.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("rumqttd")) {
+        logger.filter_module("rumqttd", log::LevelFilter::Off);
+        logger.filter_module("tracing::span", log::LevelFilter::Off);
+    }
+    logger.init();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -113,6 +125,10 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Run { config } => {
+            let config = posegpt_edge::config::Config::load(&config)?;
+            posegpt_edge::daemon::run(config)?;
+        }
         Command::Pose { model, image } => {
             // The image first: a bad path fails before the model loads.
             let started = std::time::Instant::now();

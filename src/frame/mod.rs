@@ -128,6 +128,15 @@ impl LatestFrame {
         }
     }
 
+    /// A copy of the frame waiting in the slot, leaving it there.
+    pub fn peek(&self) -> Option<Frame> {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .frame
+            .clone()
+    }
+
     /// The source has ended: wake waiters; `take` returns None once the slot is empty.
     pub fn close(&self) {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).closed = true;

@@ -1,0 +1,518 @@
+//! The daemon: wiring of capture, inference and MQTT, scheduling, graceful shutdown.
+//!
+//! * Capture runs on its own thread into the latest-frame slot (`frame`).
+//! * One inference worker thread owns the model. Questions come first; between questions it
+//!   takes the newest frame and publishes its pose, at most `pose.max_rate_hz` times a second
+//!   (less when the model is slower: frames in between are dropped and counted).
+//! * Requests wait in a bounded queue; when it is full the request is answered `busy` at once.
+//! * MQTT runs on tokio (`mqtt`): one task polls, one publishes, one sends stats.
+//! * SIGINT/SIGTERM: stop accepting, let the worker finish the request in hand, answer the
+//!   queued ones `shutting_down`, publish `offline`, disconnect, exit 0.
+
+use crate::config::Config;
+use crate::frame::{open_source, Capture, Frame, LatestFrame};
+use crate::llm::{ModelParams, Sampling, SessionParams};
+use crate::mqtt::{self, IncomingAsk, MqttCounters, Outgoing, Publisher, ReplyTo, Topics};
+use crate::posegpt::{PoseGpt, RuntimeOptions};
+use crate::protocol::{
+    parse_ask, Answer, ErrorCode, ErrorReply, Limits, PoseMessage, Stats, ValidAsk, ValidImage,
+};
+use crate::vision::decode_image;
+use anyhow::{Context, Result};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, watch};
+
+/// A validated request with where to answer it.
+struct Job {
+    ask: ValidAsk,
+    reply_to: ReplyTo,
+}
+
+/// Counters shared by the worker and the stats task.
+#[derive(Default)]
+struct Metrics {
+    poses: AtomicU64,
+    answered: AtomicU64,
+    rejected: AtomicU64,
+    generated_tokens: AtomicU64,
+    generate_us: AtomicU64,
+    /// Recent capture-to-publish latencies (ms), newest last.
+    latencies: Mutex<VecDeque<f64>>,
+}
+
+const LATENCY_WINDOW: usize = 1000;
+
+impl Metrics {
+    fn record_latency(&self, ms: f64) {
+        let mut l = self.latencies.lock().unwrap_or_else(|e| e.into_inner());
+        if l.len() == LATENCY_WINDOW {
+            l.pop_front();
+        }
+        l.push_back(ms);
+    }
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[i]
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn runtime_options(config: &Config) -> RuntimeOptions {
+    let m = &config.model;
+    RuntimeOptions {
+        load: crate::bundle::LoadOptions {
+            model: ModelParams {
+                n_gpu_layers: m.n_gpu_layers,
+            },
+        },
+        session: SessionParams {
+            n_ctx: m.n_ctx,
+            n_threads: m.threads as i32,
+            n_threads_batch: m.threads as i32,
+            exact: m.exact,
+            ..SessionParams::default()
+        },
+        vision_threads: m.threads,
+        max_tokens: m.max_tokens,
+        sampling: if m.temperature > 0.0 {
+            Sampling::Random {
+                temperature: m.temperature,
+                top_k: m.top_k,
+                top_p: m.top_p,
+                seed: m.seed,
+            }
+        } else {
+            Sampling::Greedy
+        },
+        max_history_turns: m.max_history_turns,
+        max_conversations: m.max_conversations,
+    }
+}
+
+/// Run the daemon until SIGINT/SIGTERM. Returns after `offline` was published.
+pub fn run(config: Config) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("mqtt")
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(run_async(config))
+}
+
+async fn run_async(config: Config) -> Result<()> {
+    let started = Instant::now();
+    let topics = Topics::new(&config.mqtt.topic_prefix, &config.device.id);
+    let payload_limit =
+        config.requests.max_image_bytes / 3 * 4 + config.requests.max_text_bytes + 65536;
+
+    // The model first: a broken bundle should fail before anything is announced.
+    log::info!("loading model bundle {}", config.model.bundle.display());
+    let pg = PoseGpt::load(&config.model.bundle, runtime_options(&config))
+        .with_context(|| format!("cannot load model bundle {}", config.model.bundle.display()))?;
+    let source = open_source(&config.source).context("cannot open the frame source")?;
+
+    let (broker, watch_port) = match config.mqtt.broker().map_err(anyhow::Error::msg)? {
+        Some(b) => {
+            let port = b.port;
+            (b, port)
+        }
+        None => {
+            let b = mqtt::start_embedded_broker(config.mqtt.embedded_port, payload_limit)?;
+            log::info!(
+                "embedded MQTT broker on 127.0.0.1: MQTT 3.1.1 on port {}, MQTT 5 on port {}",
+                config.mqtt.embedded_port,
+                config.mqtt.embedded_port + 1
+            );
+            (b, config.mqtt.embedded_port)
+        }
+    };
+    log::info!(
+        "watch the output with: {}",
+        mqtt::watch_command(
+            &crate::config::BrokerAddress {
+                host: broker.host.clone(),
+                port: watch_port
+            },
+            &topics
+        )
+    );
+
+    let counters = Arc::new(MqttCounters::default());
+    let options = mqtt::client_options(&config, &broker, &topics)?;
+    let (client, eventloop) = rumqttc::v5::AsyncClient::new(options, 64);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (ask_tx, mut ask_rx) = mpsc::channel::<IncomingAsk>(64);
+    let (connack_tx, mut connack_rx) = mpsc::unbounded_channel::<()>();
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outgoing>();
+
+    // The poller outlives the other tasks: it must still send `offline` and the disconnect.
+    let (poller_stop_tx, poller_stop_rx) = watch::channel(false);
+    let mut poller = tokio::spawn(mqtt::poll_loop(
+        eventloop,
+        topics.clone(),
+        ask_tx,
+        connack_tx,
+        counters.clone(),
+        poller_stop_rx,
+    ));
+
+    // Capture and inference.
+    let slot = LatestFrame::new();
+    let mut capture = Capture::spawn(source, config.source.fps, slot.clone());
+    let metrics = Arc::new(Metrics::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<Job>(config.requests.queue);
+    let worker = {
+        let slot = slot.clone();
+        let out = out_tx.clone();
+        let metrics = metrics.clone();
+        let stop = stop.clone();
+        let period = Duration::from_secs_f64(1.0 / config.pose.max_rate_hz as f64);
+        std::thread::Builder::new()
+            .name("inference".into())
+            .spawn(move || worker_loop(pg, job_rx, slot, out, metrics, stop, period))
+            .context("cannot start the inference thread")?
+    };
+
+    // Requests: validate, then queue or answer at once.
+    let limits = Limits {
+        max_text_bytes: config.requests.max_text_bytes,
+        max_image_bytes: config.requests.max_image_bytes,
+        max_id_bytes: 256,
+    };
+    let intake = {
+        let out = out_tx.clone();
+        let metrics = metrics.clone();
+        let mut shutdown = shutdown_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                let incoming = tokio::select! {
+                    m = ask_rx.recv() => match m { Some(m) => m, None => return },
+                    _ = shutdown.changed() => return,
+                };
+                let reject = |e: ErrorReply| {
+                    metrics.rejected.fetch_add(1, Ordering::Relaxed);
+                    log::info!(
+                        "request {:?} refused: {:?}: {}",
+                        e.id,
+                        e.error.code,
+                        e.error.message
+                    );
+                    answer_error(&out, incoming.reply_to.clone(), e);
+                };
+                match parse_ask(&incoming.payload, &limits) {
+                    Err(e) => reject(e),
+                    Ok(ask) => {
+                        let id = ask.id.clone();
+                        let job = Job {
+                            ask,
+                            reply_to: incoming.reply_to.clone(),
+                        };
+                        match job_tx.try_send(job) {
+                            Ok(()) => log::debug!("request {id:?} queued"),
+                            Err(TrySendError::Full(_)) => reject(ErrorReply::new(
+                                Some(id),
+                                ErrorCode::Busy,
+                                "the request queue is full; try again shortly",
+                            )),
+                            Err(TrySendError::Disconnected(_)) => reject(ErrorReply::new(
+                                Some(id),
+                                ErrorCode::ShuttingDown,
+                                "the daemon is stopping",
+                            )),
+                        }
+                    }
+                }
+            }
+        })
+    };
+
+    // Stats.
+    let stats_task = {
+        let out = out_tx.clone();
+        let metrics = metrics.clone();
+        let slot = slot.clone();
+        let counters = counters.clone();
+        let mut shutdown = shutdown_rx.clone();
+        let every = Duration::from_secs_f64(config.mqtt.stats_interval_s);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            let mut last_poses = 0u64;
+            let mut last_at = Instant::now();
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = shutdown.changed() => return,
+                }
+                let poses = metrics.poses.load(Ordering::Relaxed);
+                let now = Instant::now();
+                let mut lat: Vec<f64> = metrics
+                    .latencies
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .copied()
+                    .collect();
+                lat.sort_by(f64::total_cmp);
+                let gen_s = metrics.generate_us.load(Ordering::Relaxed) as f64 / 1e6;
+                let stats = Stats {
+                    uptime_s: started.elapsed().as_secs_f64(),
+                    pose_fps: (poses - last_poses) as f64 / (now - last_at).as_secs_f64(),
+                    latency_ms_p50: percentile(&lat, 0.5),
+                    latency_ms_p95: percentile(&lat, 0.95),
+                    latency_ms_p99: percentile(&lat, 0.99),
+                    frames_captured: slot.captured(),
+                    frames_dropped: slot.dropped(),
+                    frames_skipped: slot.skipped(),
+                    poses_published: poses,
+                    asks_answered: metrics.answered.load(Ordering::Relaxed),
+                    asks_rejected: metrics.rejected.load(Ordering::Relaxed),
+                    outbox_dropped: counters.outbox_dropped.load(Ordering::Relaxed)
+                        + counters.poses_dropped_offline.load(Ordering::Relaxed),
+                    tokens_per_s: if gen_s > 0.0 {
+                        metrics.generated_tokens.load(Ordering::Relaxed) as f64 / gen_s
+                    } else {
+                        0.0
+                    },
+                };
+                log::info!(
+                    "stats: {:.1} poses/s, latency p50 {:.0} ms p99 {:.0} ms, frames {} captured {} dropped, asks {} answered {} refused",
+                    stats.pose_fps, stats.latency_ms_p50, stats.latency_ms_p99,
+                    stats.frames_captured, stats.frames_dropped, stats.asks_answered, stats.asks_rejected
+                );
+                last_poses = poses;
+                last_at = now;
+                if let Ok(p) = serde_json::to_vec(&stats) {
+                    if out.send(Outgoing::Stats(p)).is_err() {
+                        return;
+                    }
+                }
+            }
+        })
+    };
+    drop(out_tx);
+
+    // The publisher runs here, on the main task, until a signal arrives.
+    let mut publisher = Publisher::new(
+        client,
+        topics.clone(),
+        config.pose.qos,
+        config.mqtt.outbox,
+        counters.clone(),
+    );
+    // Signal streams created once: a fresh ctrl_c() future per loop turn would miss a signal
+    // that arrives while another branch runs.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    log::info!(
+        "running: device {}, topics under {}/",
+        config.device.id,
+        topics.base
+    );
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => { log::info!("SIGINT: shutting down"); break; }
+            _ = sigterm.recv() => { log::info!("SIGTERM: shutting down"); break; }
+            Some(()) = connack_rx.recv() => publisher.on_connected().await,
+            msg = out_rx.recv() => match msg {
+                Some(m) => publisher.send(m).await,
+                None => { log::error!("all producers stopped"); break; }
+            },
+        }
+    }
+
+    // Shutdown: stop intake and capture, let the worker finish, deliver its last answers.
+    let _ = shutdown_tx.send(true);
+    stop.store(true, Ordering::SeqCst);
+    capture.stop();
+    let _ = intake.await;
+    let _ = stats_task.await;
+    let join = tokio::task::spawn_blocking(move || worker.join());
+    let deadline = tokio::time::sleep(Duration::from_secs(60));
+    tokio::pin!(join);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            msg = out_rx.recv() => match msg {
+                Some(m) => publisher.send(m).await,
+                None => break,
+            },
+            _ = &mut deadline => { log::warn!("the inference worker did not stop within 60 s"); break; }
+        }
+    }
+    let _ = (&mut join).await;
+    publisher.close().await;
+    // The poller returns once the disconnect (after `offline`) is written; don't wait forever
+    // on a dead broker.
+    if tokio::time::timeout(Duration::from_secs(3), &mut poller)
+        .await
+        .is_err()
+    {
+        log::warn!("the broker did not take the disconnect within 3 s");
+        let _ = poller_stop_tx.send(true);
+        let _ = poller.await;
+    }
+    log::info!("stopped");
+    Ok(())
+}
+
+fn answer_error(out: &mpsc::UnboundedSender<Outgoing>, reply_to: ReplyTo, e: ErrorReply) {
+    match serde_json::to_vec(&e) {
+        Ok(payload) => {
+            let _receiver_gone_at_shutdown = out.send(Outgoing::Answer { reply_to, payload });
+        }
+        Err(err) => log::error!("cannot encode an error answer: {err}"),
+    }
+}
+
+fn worker_loop(
+    mut pg: PoseGpt,
+    jobs: Receiver<Job>,
+    slot: Arc<LatestFrame>,
+    out: mpsc::UnboundedSender<Outgoing>,
+    metrics: Arc<Metrics>,
+    stop: Arc<AtomicBool>,
+    period: Duration,
+) {
+    let mut next_pose_at = Instant::now();
+    let mut last_frame: Option<Frame> = None;
+    let mut seq = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        // Questions first.
+        match jobs.try_recv() {
+            Ok(job) => {
+                handle_job(&mut pg, job, &slot, last_frame.as_ref(), &out, &metrics);
+                continue;
+            }
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
+            Err(std::sync::mpsc::TryRecvError::Empty) => {}
+        }
+        let now = Instant::now();
+        if now < next_pose_at {
+            // Wait for the next pose slot, but wake for a question.
+            match jobs.recv_timeout(next_pose_at - now) {
+                Ok(job) => handle_job(&mut pg, job, &slot, last_frame.as_ref(), &out, &metrics),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            continue;
+        }
+        let Some(frame) = slot.take(Duration::from_millis(50)) else {
+            continue;
+        };
+        let started = Instant::now();
+        next_pose_at = started + period;
+        match pg.pose(&frame.rgb) {
+            Ok(fp) => {
+                let published = SystemTime::now();
+                let latency_ms = frame.captured_instant.elapsed().as_secs_f64() * 1e3;
+                let msg = PoseMessage {
+                    seq,
+                    frame_seq: frame.seq,
+                    captured_at_ms: unix_ms(frame.captured_at),
+                    published_at_ms: unix_ms(published),
+                    latency_ms,
+                    persons: std::slice::from_ref(&fp.pose),
+                    timings: &fp.timings,
+                };
+                match serde_json::to_vec(&msg) {
+                    Ok(p) => {
+                        if out.send(Outgoing::Pose(p)).is_err() {
+                            break;
+                        }
+                        seq += 1;
+                        metrics.poses.fetch_add(1, Ordering::Relaxed);
+                        metrics.record_latency(latency_ms);
+                    }
+                    Err(e) => log::error!("cannot encode a pose message: {e}"),
+                }
+            }
+            Err(e) => log::error!("pose failed on frame {} ({}): {e}", frame.seq, frame.origin),
+        }
+        last_frame = Some(frame);
+    }
+    // Requests still queued get a clear answer instead of silence.
+    while let Ok(job) = jobs.try_recv() {
+        metrics.rejected.fetch_add(1, Ordering::Relaxed);
+        answer_error(
+            &out,
+            job.reply_to,
+            ErrorReply::new(
+                Some(job.ask.id),
+                ErrorCode::ShuttingDown,
+                "the daemon is stopping; the request was not run",
+            ),
+        );
+    }
+    log::info!("inference worker stopped after {seq} poses");
+}
+
+fn handle_job(
+    pg: &mut PoseGpt,
+    job: Job,
+    slot: &LatestFrame,
+    last_frame: Option<&Frame>,
+    out: &mpsc::UnboundedSender<Outgoing>,
+    metrics: &Metrics,
+) {
+    let Job { ask, reply_to } = job;
+    let fail = |code, message: String| {
+        metrics.rejected.fetch_add(1, Ordering::Relaxed);
+        log::info!("request {:?} failed: {code:?}: {message}", ask.id);
+        answer_error(
+            out,
+            reply_to.clone(),
+            ErrorReply::new(Some(ask.id.clone()), code, message),
+        );
+    };
+    let image = match &ask.image {
+        ValidImage::None => None,
+        ValidImage::Live => match slot.peek().or_else(|| last_frame.cloned()) {
+            Some(f) => Some(f.rgb),
+            None => {
+                return fail(
+                    ErrorCode::NoFrame,
+                    "image \"live\" asked but no frame has been captured yet".into(),
+                )
+            }
+        },
+        ValidImage::Inline(bytes) => match decode_image(bytes, "field `image.inline`") {
+            Ok(img) => Some(Arc::new(img)),
+            Err(e) => return fail(ErrorCode::BadImage, e.to_string()),
+        },
+    };
+    match pg.ask(&ask.text, image.as_deref(), ask.conversation.as_deref()) {
+        Ok(reply) => {
+            metrics.answered.fetch_add(1, Ordering::Relaxed);
+            metrics
+                .generated_tokens
+                .fetch_add(reply.timings.generated_tokens as u64, Ordering::Relaxed);
+            metrics
+                .generate_us
+                .fetch_add((reply.timings.generate_ms * 1e3) as u64, Ordering::Relaxed);
+            match serde_json::to_vec(&Answer::new(&ask.id, &reply)) {
+                Ok(payload) => {
+                    let _receiver_gone_at_shutdown =
+                        out.send(Outgoing::Answer { reply_to, payload });
+                }
+                Err(e) => log::error!("cannot encode an answer: {e}"),
+            }
+        }
+        Err(e) => fail(ErrorCode::ModelError, e.to_string()),
+    }
+}

@@ -1,0 +1,388 @@
+//! The daemon end to end: `posegpt-edge run` on models/test-tiny with a folder source, against
+//! a real mosquitto started here on a free loopback port, and against the embedded broker,
+//! watched by an independent MQTT 5 client.
+
+use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use serde_json::Value;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+const DEVICE: &str = "test-dev";
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn free_port_pair() -> u16 {
+    for _ in 0..100 {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let p = l.local_addr().unwrap().port();
+        if p < u16::MAX && TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            return p;
+        }
+    }
+    panic!("no free port pair on 127.0.0.1");
+}
+
+fn wait_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on port {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// mosquitto on 127.0.0.1:port, stopped on drop.
+struct Mosquitto(Child);
+
+impl Mosquitto {
+    fn start(dir: &Path, port: u16) -> Self {
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+        )
+        .unwrap();
+        let exe = ["mosquitto", "/usr/sbin/mosquitto"]
+            .into_iter()
+            .find(|e| Command::new(e).arg("-h").output().is_ok())
+            .expect("mosquitto is not installed: run scripts/setup.sh (apt-get install mosquitto)");
+        let child = Command::new(exe)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mosquitto");
+        wait_port(port);
+        Self(child)
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The daemon as a child process.
+struct Daemon(Child);
+
+impl Daemon {
+    fn start(dir: &Path, mqtt_section: &str) -> Self {
+        let config = dir.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[device]\nid = \"{DEVICE}\"\n\
+                 [model]\nbundle = \"{}\"\nthreads = 2\nmax_tokens = 12\n\
+                 [source]\nkind = \"dir\"\npath = \"{}\"\nfps = 20.0\n\
+                 [pose]\nmax_rate_hz = 10.0\n\
+                 [requests]\nqueue = 2\nmax_text_bytes = 200\nmax_image_bytes = 100000\n\
+                 {mqtt_section}\nstats_interval_s = 1.0\n",
+                root().join("models/test-tiny").display(),
+                root().join("models/samples").display(),
+            ),
+        )
+        .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_posegpt-edge"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env(
+                "RUST_LOG",
+                std::env::var("DAEMON_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the daemon");
+        Self(child)
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.0.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} failed");
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not exit in {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Msg {
+    topic: String,
+    payload: Vec<u8>,
+    correlation: Option<Vec<u8>>,
+}
+
+/// An independent MQTT 5 client that records everything under the device's topics.
+struct Watcher {
+    client: AsyncClient,
+    rx: mpsc::UnboundedReceiver<Msg>,
+}
+
+impl Watcher {
+    async fn connect(port: u16, name: &str) -> Self {
+        let mut opts = MqttOptions::new(name, "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(5));
+        opts.set_max_packet_size(Some(1 << 20));
+        let (client, mut eventloop) = AsyncClient::new(opts, 64);
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let correlation = p
+                            .properties
+                            .and_then(|pr| pr.correlation_data)
+                            .map(|b| b.to_vec());
+                        let msg = Msg {
+                            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                            payload: p.payload.to_vec(),
+                            correlation,
+                        };
+                        if tx.send(msg).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        client
+            .subscribe(format!("posegpt/{DEVICE}/#"), QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        client
+            .subscribe("client/replies/#", QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        Self { client, rx }
+    }
+
+    /// The next message on `topic` for which `pred` holds, within `secs`.
+    async fn expect(&mut self, topic: &str, secs: u64, pred: impl Fn(&Msg) -> bool) -> Msg {
+        let full = if topic.starts_with("client/") {
+            topic.to_string()
+        } else {
+            format!("posegpt/{DEVICE}/{topic}")
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        let mut seen = Vec::new();
+        loop {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(m)) if m.topic == full && pred(&m) => return m,
+                Ok(Some(m)) => {
+                    if m.topic == full {
+                        seen.push(
+                            String::from_utf8_lossy(&m.payload)
+                                .chars()
+                                .take(80)
+                                .collect::<String>(),
+                        );
+                    }
+                }
+                Ok(None) => panic!("watcher stopped"),
+                Err(_) => panic!(
+                    "no matching message on {full} within {secs} s; other messages there: {seen:?}"
+                ),
+            }
+        }
+    }
+
+    async fn ask(&self, payload: &str) {
+        self.client
+            .publish(
+                format!("posegpt/{DEVICE}/ask"),
+                QoS::AtLeastOnce,
+                false,
+                payload.to_string(),
+            )
+            .await
+            .unwrap();
+    }
+}
+
+fn json(m: &Msg) -> Value {
+    serde_json::from_slice(&m.payload).expect("JSON payload")
+}
+
+fn is(status: &'static str) -> impl Fn(&Msg) -> bool {
+    move |m| m.payload == status.as_bytes()
+}
+
+fn answer_for(id: &'static str) -> impl Fn(&Msg) -> bool {
+    move |m| json(m)["id"] == id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_with_mosquitto() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port_pair();
+    let _broker = Mosquitto::start(dir.path(), port);
+    let mut w = Watcher::connect(port, "watcher").await;
+    let mut daemon = Daemon::start(
+        dir.path(),
+        &format!("[mqtt]\nurl = \"mqtt://127.0.0.1:{port}\""),
+    );
+
+    w.expect("available", 60, is("online")).await;
+
+    // The pose stream: valid schema, increasing sequence numbers.
+    let mut last = None;
+    for _ in 0..3 {
+        let v = json(&w.expect("pose", 30, |_| true).await);
+        assert_eq!(v["persons"].as_array().unwrap().len(), 1);
+        assert_eq!(v["persons"][0]["body_pose"].as_array().unwrap().len(), 69);
+        assert_eq!(
+            v["persons"][0]["global_orient"].as_array().unwrap().len(),
+            3
+        );
+        assert!(v["latency_ms"].as_f64().unwrap() >= 0.0);
+        let seq = v["seq"].as_u64().unwrap();
+        if let Some(prev) = last {
+            assert!(seq > prev, "pose seq {seq} after {prev}");
+        }
+        last = Some(seq);
+    }
+
+    // A question gets its answer.
+    w.ask(r#"{"id":"a1","text":"What is the person doing?","image":"live"}"#)
+        .await;
+    let a = json(&w.expect("answer", 30, answer_for("a1")).await);
+    assert!(a["text"].is_string(), "{a}");
+    assert!(a["error"].is_null(), "{a}");
+
+    // Each malformed kind gets its error code, and the daemon carries on.
+    w.ask("{not json").await;
+    let e = json(
+        &w.expect("answer", 20, |m| json(m)["error"]["code"] == "bad_json")
+            .await,
+    );
+    assert!(e["id"].is_null());
+    for (payload, id, code, field) in [
+        (
+            r#"{"id":"m1","text":"hi","colour":1}"#,
+            "m1",
+            "invalid_request",
+            "colour",
+        ),
+        (r#"{"id":"m2"}"#, "m2", "invalid_request", "text"),
+        (r#"{"id":"m3","text":"   "}"#, "m3", "empty_text", "text"),
+        (
+            &format!(r#"{{"id":"m4","text":"{}"}}"#, "x".repeat(300)),
+            "m4",
+            "text_too_long",
+            "text",
+        ),
+        (
+            r#"{"id":"m5","text":"hi","image":{"inline":"%%%"}}"#,
+            "m5",
+            "bad_image",
+            "image.inline",
+        ),
+        (
+            r#"{"id":"m6","text":"hi","image":{"inline":"aGVsbG8gd29ybGQ="}}"#,
+            "m6",
+            "bad_image",
+            "image.inline",
+        ),
+    ] {
+        w.ask(payload).await;
+        let id: &'static str = Box::leak(id.to_string().into_boxed_str());
+        let e = json(&w.expect("answer", 20, answer_for(id)).await);
+        assert_eq!(e["error"]["code"], code, "{e}");
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains(field),
+            "{e} should name {field}"
+        );
+    }
+
+    // An MQTT 5 request is answered on its response topic with its correlation data.
+    let props = PublishProperties {
+        response_topic: Some("client/replies/7".into()),
+        correlation_data: Some(b"corr-7".to_vec().into()),
+        ..Default::default()
+    };
+    w.client
+        .publish_with_properties(
+            format!("posegpt/{DEVICE}/ask"),
+            QoS::AtLeastOnce,
+            false,
+            r#"{"id":"r7","text":"Describe the person."}"#,
+            props,
+        )
+        .await
+        .unwrap();
+    let r = w.expect("client/replies/7", 30, |_| true).await;
+    assert_eq!(r.correlation.as_deref(), Some(&b"corr-7"[..]));
+    assert_eq!(json(&r)["id"], "r7");
+
+    // Stats arrive.
+    let s = json(&w.expect("stats", 10, |_| true).await);
+    assert!(s["poses_published"].as_u64().unwrap() >= 3, "{s}");
+    assert!(s["asks_rejected"].as_u64().unwrap() >= 7, "{s}");
+
+    // SIGTERM: offline, exit 0.
+    daemon.signal("-TERM");
+    w.expect("available", 30, is("offline")).await;
+    assert!(daemon.wait_exit(Duration::from_secs(60)).success());
+
+    // kill -9: the broker publishes the last will.
+    let mut daemon = Daemon::start(
+        dir.path(),
+        &format!("[mqtt]\nurl = \"mqtt://127.0.0.1:{port}\""),
+    );
+    w.expect("available", 60, is("online")).await;
+    daemon.signal("-KILL");
+    w.expect("available", 30, is("offline")).await;
+    daemon.wait_exit(Duration::from_secs(10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_with_the_embedded_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port_pair();
+    let mut daemon = Daemon::start(dir.path(), &format!("[mqtt]\nembedded_port = {port}"));
+    wait_port(port + 1);
+    // MQTT 5 clients use the second port.
+    let mut w = Watcher::connect(port + 1, "watcher-embedded").await;
+    w.expect("available", 60, is("online")).await;
+    let v = json(&w.expect("pose", 30, |_| true).await);
+    assert_eq!(v["persons"][0]["body_pose"].as_array().unwrap().len(), 69);
+    w.ask(r#"{"id":"e1","text":"What is the person doing?"}"#)
+        .await;
+    let a = json(&w.expect("answer", 30, answer_for("e1")).await);
+    assert!(a["text"].is_string(), "{a}");
+    daemon.signal("-INT");
+    w.expect("available", 30, is("offline")).await;
+    assert!(daemon.wait_exit(Duration::from_secs(60)).success());
+}
