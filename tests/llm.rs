@@ -3,29 +3,18 @@
 //! greedy generation with pose-token capture, KV prefix reuse, sampling, stop conditions and
 //! load errors.
 
+mod common;
+
+use common::{expected, floats, ids, max_abs_diff, root};
 use posegpt_edge::llm::{
     GenerateParams, LlmError, Model, ModelParams, Sampling, Segment, Session, SessionParams,
     StopReason, Token,
 };
-use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn gguf_path() -> PathBuf {
     root().join("models/test-tiny/llm.gguf")
-}
-
-fn expected() -> &'static Value {
-    static E: OnceLock<Value> = OnceLock::new();
-    E.get_or_init(|| {
-        let text = std::fs::read_to_string(root().join("tests/fixtures/test-tiny-expected.json"))
-            .expect("fixture file");
-        serde_json::from_str(&text).expect("fixture JSON")
-    })
 }
 
 fn model() -> Arc<Model> {
@@ -45,30 +34,6 @@ fn exact_session() -> Session {
         },
     )
     .expect("session")
-}
-
-fn ids(v: &Value) -> Vec<Token> {
-    v.as_array()
-        .expect("id array")
-        .iter()
-        .map(|x| x.as_i64().expect("id") as Token)
-        .collect()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .expect("float array")
-        .iter()
-        .map(|x| x.as_f64().expect("float") as f32)
-        .collect()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]

@@ -3,49 +3,13 @@
 //! axis-angle, confidence; `ask` with pose tokens; with perturbation checks that a broken port
 //! would not pass.
 
+mod common;
+
+use common::{expected, floats, ids, max_abs_diff, root};
 use posegpt_edge::llm::SessionParams;
 use posegpt_edge::posegpt::{PoseGpt, RuntimeOptions, POSE_MARKER};
 use posegpt_edge::vision::{load_image, preprocess, to_square, ImageSpec, ResizeMode};
 use serde_json::Value;
-use std::path::PathBuf;
-use std::sync::OnceLock;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn expected() -> &'static Value {
-    static E: OnceLock<Value> = OnceLock::new();
-    E.get_or_init(|| {
-        let text = std::fs::read_to_string(root().join("tests/fixtures/test-tiny-expected.json"))
-            .expect("fixture file");
-        serde_json::from_str(&text).expect("fixture JSON")
-    })
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .expect("float array")
-        .iter()
-        .map(|x| x.as_f64().expect("float") as f32)
-        .collect()
-}
-
-fn ids(v: &Value) -> Vec<i32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_i64().unwrap() as i32)
-        .collect()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
 
 fn exact() -> PoseGpt {
     PoseGpt::load(

@@ -1,0 +1,45 @@
+//! Helpers shared by the parity tests: the project root, the reference fixture, and number
+//! comparisons.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use serde_json::Value;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// tests/fixtures/test-tiny-expected.json, written by scripts/reference.py.
+pub fn expected() -> &'static Value {
+    static E: OnceLock<Value> = OnceLock::new();
+    E.get_or_init(|| {
+        let text = std::fs::read_to_string(root().join("tests/fixtures/test-tiny-expected.json"))
+            .expect("fixture file");
+        serde_json::from_str(&text).expect("fixture JSON")
+    })
+}
+
+pub fn ids(v: &Value) -> Vec<i32> {
+    v.as_array()
+        .expect("id array")
+        .iter()
+        .map(|x| x.as_i64().expect("id") as i32)
+        .collect()
+}
+
+pub fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .expect("float array")
+        .iter()
+        .map(|x| x.as_f64().expect("float") as f32)
+        .collect()
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
