@@ -55,6 +55,10 @@ pub struct ModelConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SourceKind {
+    /// The camera if it opens, else the folder at `path` (the log says which).
+    Auto,
+    /// A camera (V4L2), by index or name; waits and retries while it is gone.
+    Camera,
     /// One image, delivered again at `fps` when `loop` is on.
     File,
     /// Images of a folder in name order, paced at `fps`, optionally looped.
@@ -65,7 +69,13 @@ pub enum SourceKind {
 #[serde(deny_unknown_fields, default)]
 pub struct SourceConfig {
     pub kind: SourceKind,
-    /// The image (file) or folder (dir); relative paths as for `model.bundle`.
+    /// Camera index ("0") or part of its name, for `camera` and `auto`.
+    pub camera: String,
+    /// Requested camera resolution; the camera may pick the closest it has (logged).
+    pub width: u32,
+    pub height: u32,
+    /// The image (file) or folder (dir, and auto without a camera); relative paths as for
+    /// `model.bundle`.
     pub path: PathBuf,
     /// Frames per second the source delivers.
     pub fps: f32,
@@ -204,7 +214,10 @@ impl Default for ModelConfig {
 impl Default for SourceConfig {
     fn default() -> Self {
         Self {
-            kind: SourceKind::Dir,
+            kind: SourceKind::Auto,
+            camera: "0".into(),
+            width: 640,
+            height: 480,
             path: "models/samples".into(),
             fps: 10.0,
             looped: true,
@@ -301,6 +314,15 @@ impl Config {
             return bad(
                 "device.id",
                 format!("= {id:?}: must be non-empty, without '/', '+', '#' or spaces (it is an MQTT topic level)"),
+            );
+        }
+        if self.source.width == 0 || self.source.height == 0 {
+            return bad(
+                "source.width",
+                format!(
+                    "= {}x{}: width and height must be > 0",
+                    self.source.width, self.source.height
+                ),
             );
         }
         if !(self.source.fps > 0.0 && self.source.fps <= 240.0) {
@@ -405,6 +427,9 @@ mod tests {
             "max_history_turns =",
             "max_conversations =",
             "kind =",
+            "camera =",
+            "width =",
+            "height =",
             "path =",
             "fps =",
             "loop =",

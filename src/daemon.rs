@@ -271,6 +271,7 @@ async fn run_async(config: Config) -> Result<()> {
                 let gen_s = metrics.generate_us.load(Ordering::Relaxed) as f64 / 1e6;
                 let stats = Stats {
                     uptime_s: started.elapsed().as_secs_f64(),
+                    source_up: slot.source_up(),
                     pose_fps: (poses - last_poses) as f64 / (now - last_at).as_secs_f64(),
                     latency_ms_p50: percentile(&lat, 0.5),
                     latency_ms_p95: percentile(&lat, 0.95),

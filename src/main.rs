@@ -57,6 +57,8 @@ enum Command {
         /// The question.
         question: String,
     },
+    /// List the cameras this machine offers (index, name, description).
+    Cameras,
     /// Validate a bundle and print its facts; with a sample image, the pose-token confidence.
     Check {
         #[command(flatten)]
@@ -174,6 +176,17 @@ fn run(cli: Cli) -> Result<()> {
             let reply = pg.ask(&question, img.as_ref(), None)?;
             println!("{}", serde_json::to_string_pretty(&reply)?);
         }
+        Command::Cameras => match posegpt_edge::frame::list_cameras() {
+            Ok(cams) if cams.is_empty() => {
+                println!("no cameras found (no V4L2 devices such as /dev/video0)");
+            }
+            Ok(cams) => {
+                for c in cams {
+                    println!("{}\t{}\t{}", c.index, c.name, c.description);
+                }
+            }
+            Err(e) => anyhow::bail!("cannot list cameras: {e}"),
+        },
         Command::Check { model, image } => {
             let options = model.options();
             let bundle = Bundle::load(&model.bundle, &options.load)

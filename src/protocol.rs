@@ -258,6 +258,8 @@ pub struct PoseMessage<'a> {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Stats {
     pub uptime_s: f64,
+    /// False while the frame source (a camera) is unavailable.
+    pub source_up: bool,
     pub pose_fps: f64,
     pub latency_ms_p50: f64,
     pub latency_ms_p95: f64,

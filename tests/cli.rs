@@ -90,3 +90,14 @@ fn a_non_image_file_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no/such/bundle"), "{err}");
 }
+
+#[test]
+fn cameras_lists_devices_or_says_there_are_none() {
+    let out = run(&["cameras"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.stdout.is_empty(), "cameras printed nothing");
+}

@@ -155,9 +155,19 @@ impl Watcher {
         opts.set_max_packet_size(Some(1 << 20));
         let (client, mut eventloop) = AsyncClient::new(opts, 64);
         let (tx, rx) = mpsc::unbounded_channel();
+        let resubscriber = client.clone();
         tokio::spawn(async move {
             loop {
                 match eventloop.poll().await {
+                    // A clean session: subscribe on every connection (also after a broker restart).
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        for topic in [
+                            format!("posegpt/{DEVICE}/#"),
+                            "client/replies/#".to_string(),
+                        ] {
+                            let _ = resubscriber.try_subscribe(topic, QoS::AtLeastOnce);
+                        }
+                    }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let correlation = p
                             .properties
@@ -177,14 +187,6 @@ impl Watcher {
                 }
             }
         });
-        client
-            .subscribe(format!("posegpt/{DEVICE}/#"), QoS::AtLeastOnce)
-            .await
-            .unwrap();
-        client
-            .subscribe("client/replies/#", QoS::AtLeastOnce)
-            .await
-            .unwrap();
         Self { client, rx }
     }
 
@@ -383,6 +385,51 @@ async fn daemon_with_the_embedded_broker() {
     let a = json(&w.expect("answer", 30, answer_for("e1")).await);
     assert!(a["text"].is_string(), "{a}");
     daemon.signal("-INT");
+    w.expect("available", 30, is("offline")).await;
+    assert!(daemon.wait_exit(Duration::from_secs(60)).success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_survives_a_broker_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port_pair();
+    let broker = Mosquitto::start(dir.path(), port);
+    let mut w = Watcher::connect(port, "watcher-restart").await;
+    let mut daemon = Daemon::start(
+        dir.path(),
+        &format!("[mqtt]\nurl = \"mqtt://127.0.0.1:{port}\""),
+    );
+    w.expect("available", 60, is("online")).await;
+    w.expect("pose", 30, |_| true).await;
+
+    // The broker goes away (no persistence: every session is lost) and comes back.
+    drop(broker);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let _broker = Mosquitto::start(dir.path(), port);
+
+    // The daemon reconnects, announces itself again, resubscribes and resumes the stream.
+    w.expect("available", 60, is("online")).await;
+    let before = json(&w.expect("pose", 30, |_| true).await)["seq"]
+        .as_u64()
+        .unwrap();
+    let after = json(&w.expect("pose", 30, |_| true).await)["seq"]
+        .as_u64()
+        .unwrap();
+    assert!(after > before);
+    // A question sent after the restart is answered.
+    w.ask(r#"{"id":"after-restart","text":"Are you back?"}"#)
+        .await;
+    let a = json(&w.expect("answer", 30, answer_for("after-restart")).await);
+    assert!(a["text"].is_string(), "{a}");
+    // Poses made while the broker was away were counted, not hidden.
+    let s = json(
+        &w.expect("stats", 10, |m| {
+            json(m)["outbox_dropped"].as_u64().unwrap_or(0) > 0
+        })
+        .await,
+    );
+    assert!(s["poses_published"].as_u64().unwrap() > after, "{s}");
+    daemon.signal("-TERM");
     w.expect("available", 30, is("offline")).await;
     assert!(daemon.wait_exit(Duration::from_secs(60)).success());
 }

@@ -124,7 +124,7 @@ fn file_name(p: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::{Capture, LatestFrame};
+    use crate::frame::{Capture, LatestFrame, SourceBuilder};
     use std::time::Duration;
 
     fn samples() -> PathBuf {
@@ -135,7 +135,7 @@ mod tests {
         (0..n)
             .map(|_| match src.next() {
                 Next::Frame(_, name) => name,
-                Next::Skip(why) => format!("skip: {why}"),
+                Next::Skip(why) | Next::Unavailable(why) => format!("skip: {why}"),
                 Next::End => "end".into(),
             })
             .collect()
@@ -208,7 +208,7 @@ mod tests {
     fn capture_runs_at_its_pace_and_a_slow_taker_drops_frames() {
         let slot = LatestFrame::new();
         let src = DirSource::open(&samples(), true).unwrap();
-        let mut cap = Capture::spawn(Box::new(src), 100.0, slot.clone());
+        let mut cap = Capture::spawn(SourceBuilder::ready(src), 100.0, slot.clone());
         // A taker slower than the source: it sees increasing sequence numbers with gaps.
         let mut seqs = Vec::new();
         for _ in 0..4 {
@@ -231,10 +231,31 @@ mod tests {
     }
 
     #[test]
+    fn auto_without_that_camera_falls_back_to_the_folder() {
+        let config = crate::config::SourceConfig {
+            kind: crate::config::SourceKind::Auto,
+            camera: "no-such-camera-anywhere".into(),
+            path: samples(),
+            ..Default::default()
+        };
+        let src = crate::frame::open_source(&config).unwrap();
+        assert!(src.description.contains("3 images"), "{}", src.description);
+        let config = crate::config::SourceConfig {
+            kind: crate::config::SourceKind::Camera,
+            ..config
+        };
+        let e = crate::frame::open_source(&config)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("no-such-camera-anywhere"), "{e}");
+    }
+
+    #[test]
     fn a_finished_source_closes_the_slot() {
         let slot = LatestFrame::new();
         let src = FileSource::open(&samples().join("person-wave.png"), false).unwrap();
-        let _cap = Capture::spawn(Box::new(src), 50.0, slot.clone());
+        let _cap = Capture::spawn(SourceBuilder::ready(src), 50.0, slot.clone());
         assert!(slot.take(Duration::from_secs(2)).is_some());
         assert!(slot.take(Duration::from_secs(2)).is_none());
         assert!(slot.is_closed());

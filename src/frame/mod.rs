@@ -8,8 +8,10 @@
 //! blocking worker thread and "dropped" needs take semantics: a frame counts as used only when
 //! the worker took it.
 
+mod camera;
 mod files;
 
+pub use camera::{list_cameras, CameraEntry, CameraRequest, CameraSource};
 pub use files::{DirSource, FileSource};
 
 use crate::config::{SourceConfig, SourceKind};
@@ -54,22 +56,69 @@ pub enum Next {
     Frame(RgbImage, String),
     /// A frame could not be produced (e.g. an undecodable file); logged and skipped.
     Skip(String),
+    /// The device is gone for now (a camera unplugged); the source keeps trying.
+    Unavailable(String),
     /// The source is finished (a folder without `loop`).
     End,
 }
 
-/// A blocking producer of images. `next` is called at the source's pace.
-pub trait FrameSource: Send {
+/// A blocking producer of images. `next` is called at the source's pace, on the capture
+/// thread; a source need not be `Send` (cameras are not), which is why capture takes a
+/// [`SourceBuilder`] and builds the source on its own thread.
+pub trait FrameSource {
     fn next(&mut self) -> Next;
     /// Human-readable description for logs.
     fn describe(&self) -> String;
 }
 
-/// Build the configured source. Errors (missing path, empty folder) name the path.
-pub fn open_source(config: &SourceConfig) -> Result<Box<dyn FrameSource>, FrameError> {
+/// A checked source, built on the capture thread.
+pub struct SourceBuilder {
+    pub description: String,
+    build: Box<dyn FnOnce() -> Box<dyn FrameSource> + Send>,
+}
+
+impl SourceBuilder {
+    /// A source that can be moved across threads as it is.
+    pub fn ready<S: FrameSource + Send + 'static>(source: S) -> Self {
+        Self {
+            description: source.describe(),
+            build: Box::new(move || Box::new(source)),
+        }
+    }
+}
+
+/// Check the configured source now (missing path, empty folder, no such camera: errors that
+/// name what was wrong) and return how to build it on the capture thread. `auto` takes the
+/// camera if it opens, else the folder at `path`, and says so.
+pub fn open_source(config: &SourceConfig) -> Result<SourceBuilder, FrameError> {
+    let request = CameraRequest {
+        selector: config.camera.clone(),
+        width: config.width,
+        height: config.height,
+        fps: config.fps.round().max(1.0) as u32,
+    };
+    let camera = |request: CameraRequest| -> Result<SourceBuilder, FrameError> {
+        // Probe here for a clear error at start; the capture thread opens it for real.
+        CameraSource::probe(&request)?;
+        Ok(SourceBuilder {
+            description: format!("camera {}", request.selector),
+            build: Box::new(move || Box::new(CameraSource::connect(request))),
+        })
+    };
     Ok(match config.kind {
-        SourceKind::File => Box::new(FileSource::open(&config.path, config.looped)?),
-        SourceKind::Dir => Box::new(DirSource::open(&config.path, config.looped)?),
+        SourceKind::File => SourceBuilder::ready(FileSource::open(&config.path, config.looped)?),
+        SourceKind::Dir => SourceBuilder::ready(DirSource::open(&config.path, config.looped)?),
+        SourceKind::Camera => camera(request)?,
+        SourceKind::Auto => match camera(request) {
+            Ok(c) => c,
+            Err(e) => {
+                log::info!(
+                    "no usable camera ({e}); using the frames in {} instead",
+                    config.path.display()
+                );
+                SourceBuilder::ready(DirSource::open(&config.path, config.looped)?)
+            }
+        },
     })
 }
 
@@ -87,6 +136,8 @@ pub struct LatestFrame {
     captured: AtomicU64,
     dropped: AtomicU64,
     skipped: AtomicU64,
+    /// Cleared while the device is unavailable.
+    source_down: AtomicBool,
 }
 
 impl LatestFrame {
@@ -161,6 +212,11 @@ impl LatestFrame {
     pub fn skipped(&self) -> u64 {
         self.skipped.load(Ordering::Relaxed)
     }
+
+    /// Whether the source delivers (false while a camera is gone).
+    pub fn source_up(&self) -> bool {
+        !self.source_down.load(Ordering::Relaxed)
+    }
 }
 
 /// A running capture thread; stops when dropped or on [`Capture::stop`].
@@ -170,20 +226,22 @@ pub struct Capture {
 }
 
 impl Capture {
-    /// Run `source` on its own thread at `fps`, putting frames into `slot`.
-    pub fn spawn(mut source: Box<dyn FrameSource>, fps: f32, slot: Arc<LatestFrame>) -> Self {
+    /// Build the source on its own thread and run it at `fps`, putting frames into `slot`.
+    pub fn spawn(source: SourceBuilder, fps: f32, slot: Arc<LatestFrame>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let stop_flag = stop.clone();
         let period = Duration::from_secs_f64(1.0 / fps.max(1e-3) as f64);
         let handle = std::thread::Builder::new()
             .name("capture".into())
             .spawn(move || {
-                log::info!("capturing from {} at {fps} fps", source.describe());
+                log::info!("capturing from {} at {fps} fps", source.description);
+                let mut source = (source.build)();
                 let mut seq = 0u64;
                 let mut next_at = Instant::now();
                 while !stop_flag.load(Ordering::Relaxed) {
                     match source.next() {
                         Next::Frame(rgb, origin) => {
+                            slot.source_down.store(false, Ordering::Relaxed);
                             slot.put(Frame {
                                 rgb: Arc::new(rgb),
                                 seq,
@@ -196,6 +254,13 @@ impl Capture {
                         Next::Skip(why) => {
                             slot.skipped.fetch_add(1, Ordering::Relaxed);
                             log::warn!("frame skipped: {why}");
+                        }
+                        Next::Unavailable(why) => {
+                            if !slot.source_down.swap(true, Ordering::Relaxed) {
+                                log::warn!("frame source unavailable: {why}");
+                            } else {
+                                log::debug!("frame source still unavailable: {why}");
+                            }
                         }
                         Next::End => {
                             log::info!(
