@@ -11,7 +11,7 @@
 //!   `pose_head.onnx`), checked on load with errors that name the file and key.
 //! * [`vision`] — preprocessing exactly as the model was trained (Pillow-exact bicubic) and the
 //!   ONNX vision tower + projector.
-//! * [`llm`] — the only module with `unsafe`: a small safe wrapper over llama.cpp.
+//! * [`llm`] — the only module that calls C directly: a small safe wrapper over llama.cpp.
 //! * [`posegpt`] — prompts, image injection, generation, pose-token capture: `pose()` per frame
 //!   and `ask()` for chat.
 //! * [`pose_head`] — hidden state → 24 × 6D → rotation matrices → axis-angle.
