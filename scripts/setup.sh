@@ -8,7 +8,7 @@ export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update
 $SUDO apt-get install -y --no-install-recommends \
     build-essential cmake clang libclang-dev pkg-config ca-certificates curl \
-    mosquitto mosquitto-clients
+    mosquitto mosquitto-clients openssl
 if ! command -v cargo >/dev/null 2>&1; then
     echo "Rust is not installed: get it from https://rustup.rs (rustup), then run this again." >&2
     exit 1

@@ -107,8 +107,16 @@ pub struct RequestConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
-    /// Broker URL `mqtt://host:port`; empty starts the embedded broker on 127.0.0.1.
+    /// Broker URL `mqtt://host:port` or `mqtts://host:port` (TLS); empty starts the embedded
+    /// broker on 127.0.0.1.
     pub url: String,
+    /// TLS only: PEM file with the CA certificate(s) that signed the broker's certificate;
+    /// empty = the system's trusted roots.
+    pub ca_file: PathBuf,
+    /// TLS only: PEM client certificate (chain) and its private key, for brokers that ask for
+    /// one; both or neither.
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
     /// Embedded broker: MQTT 3.1.1 port; MQTT 5 listens on the next port.
     pub embedded_port: u16,
     /// Topics are `<topic_prefix>/<device.id>/...`.
@@ -131,6 +139,9 @@ impl Default for MqttConfig {
     fn default() -> Self {
         Self {
             url: String::new(),
+            ca_file: PathBuf::new(),
+            client_cert: PathBuf::new(),
+            client_key: PathBuf::new(),
             embedded_port: 1883,
             topic_prefix: "posegpt".into(),
             client_id: String::new(),
@@ -148,6 +159,8 @@ impl Default for MqttConfig {
 pub struct BrokerAddress {
     pub host: String,
     pub port: u16,
+    /// `mqtts://`: TLS with rustls.
+    pub tls: bool,
 }
 
 impl MqttConfig {
@@ -156,12 +169,16 @@ impl MqttConfig {
         if self.url.is_empty() {
             return Ok(None);
         }
-        let rest = self.url.strip_prefix("mqtt://").ok_or_else(|| {
-            format!(
-                "= {:?}: must start with mqtt:// (mqtts:// is not supported yet)",
+        let (rest, tls) = if let Some(r) = self.url.strip_prefix("mqtt://") {
+            (r, false)
+        } else if let Some(r) = self.url.strip_prefix("mqtts://") {
+            (r, true)
+        } else {
+            return Err(format!(
+                "= {:?}: must start with mqtt:// or mqtts:// (TLS)",
                 self.url
-            )
-        })?;
+            ));
+        };
         let rest = rest.trim_end_matches('/');
         let (host, port) = match rest.rsplit_once(':') {
             Some((h, p)) => (
@@ -169,7 +186,7 @@ impl MqttConfig {
                 p.parse::<u16>()
                     .map_err(|_| format!("= {:?}: the port {p:?} is not a number", self.url))?,
             ),
-            None => (rest, 1883),
+            None => (rest, if tls { 8883 } else { 1883 }),
         };
         if host.is_empty() {
             return Err(format!("= {:?}: no host", self.url));
@@ -180,6 +197,7 @@ impl MqttConfig {
                 .trim_end_matches(']')
                 .to_string(),
             port,
+            tls,
         }))
     }
 }
@@ -294,8 +312,14 @@ impl Config {
         } else {
             dir
         };
-        for p in [&mut self.model.bundle, &mut self.source.path] {
-            if p.is_relative() {
+        for p in [
+            &mut self.model.bundle,
+            &mut self.source.path,
+            &mut self.mqtt.ca_file,
+            &mut self.mqtt.client_cert,
+            &mut self.mqtt.client_key,
+        ] {
+            if p.is_relative() && !p.as_os_str().is_empty() {
                 *p = base.join(&*p);
             }
         }
@@ -355,8 +379,35 @@ impl Config {
                 format!("= {}: must be >= 0 (0 = greedy)", self.model.temperature),
             );
         }
-        if let Err(problem) = self.mqtt.broker() {
-            return bad("mqtt.url", problem);
+        let tls = match self.mqtt.broker() {
+            Err(problem) => return bad("mqtt.url", problem),
+            Ok(b) => b.is_some_and(|b| b.tls),
+        };
+        let m = &self.mqtt;
+        for (key, p) in [
+            ("mqtt.ca_file", &m.ca_file),
+            ("mqtt.client_cert", &m.client_cert),
+            ("mqtt.client_key", &m.client_key),
+        ] {
+            if !tls && !p.as_os_str().is_empty() {
+                return bad(
+                    key,
+                    format!(
+                        "= {:?}: TLS files need a TLS broker; set mqtt.url to mqtts://host:port or empty this key",
+                        p
+                    ),
+                );
+            }
+        }
+        if m.client_cert.as_os_str().is_empty() != m.client_key.as_os_str().is_empty() {
+            return bad(
+                if m.client_key.as_os_str().is_empty() {
+                    "mqtt.client_key"
+                } else {
+                    "mqtt.client_cert"
+                },
+                "is missing: a client certificate needs its key and the key its certificate; set both or neither".into(),
+            );
         }
         if self.mqtt.embedded_port == u16::MAX || self.mqtt.embedded_port == 0 {
             return bad(
@@ -509,14 +560,29 @@ mod tests {
             m("mqtt://10.1.2.3:1999").broker().unwrap(),
             Some(BrokerAddress {
                 host: "10.1.2.3".into(),
-                port: 1999
+                port: 1999,
+                tls: false,
             })
         );
         assert_eq!(
             m("mqtt://broker.local").broker().unwrap().unwrap().port,
             1883
         );
-        assert!(m("mqtts://x:8883").broker().is_err());
+        let tls = m("mqtts://broker.example").broker().unwrap().unwrap();
+        assert!(tls.tls && tls.port == 8883 && tls.host == "broker.example");
+        assert!(m("ws://x:80").broker().is_err());
+    }
+
+    #[test]
+    fn tls_files_need_a_tls_url_and_come_in_pairs() {
+        let e = err("[mqtt]\nurl = \"mqtt://h\"\nca_file = \"ca.pem\"\n");
+        assert!(e.contains("mqtt.ca_file") && e.contains("mqtts://"), "{e}");
+        let e = err("[mqtt]\nurl = \"mqtts://h\"\nclient_cert = \"c.pem\"\n");
+        assert!(e.contains("mqtt.client_key"), "{e}");
+        let e = err("[mqtt]\nurl = \"mqtts://h\"\nclient_key = \"k.pem\"\n");
+        assert!(e.contains("mqtt.client_cert"), "{e}");
+        let ok = "[mqtt]\nurl = \"mqtts://h\"\nca_file = \"ca.pem\"\nclient_cert = \"c.pem\"\nclient_key = \"k.pem\"\n";
+        assert!(Config::parse(ok, Path::new("t.toml")).is_ok());
     }
 
     #[test]

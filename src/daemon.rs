@@ -144,8 +144,10 @@ async fn run_async(config: Config) -> Result<()> {
         mqtt::watch_command(
             &crate::config::BrokerAddress {
                 host: broker.host.clone(),
-                port: watch_port
+                port: watch_port,
+                tls: broker.tls,
             },
+            &config.mqtt,
             &topics
         )
     );
@@ -357,10 +359,14 @@ async fn run_async(config: Config) -> Result<()> {
         }
     }
     let _ = (&mut join).await;
+    let was_connected = counters.connected.load(Ordering::SeqCst);
     publisher.close().await;
     // The poller returns once the disconnect (after `offline`) is written; don't wait forever
-    // on a dead broker.
-    if tokio::time::timeout(Duration::from_secs(3), &mut poller)
+    // on a dead broker, and not at all when there is no connection to close.
+    if !was_connected {
+        let _ = poller_stop_tx.send(true);
+        let _ = poller.await;
+    } else if tokio::time::timeout(Duration::from_secs(3), &mut poller)
         .await
         .is_err()
     {

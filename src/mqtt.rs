@@ -7,12 +7,13 @@
 //! ConnAck; pose messages are a live stream and are dropped (counted) instead. Every ConnAck
 //! re-subscribes and re-announces `online`, since the session may be gone.
 
-use crate::config::{BrokerAddress, Config};
+use crate::config::{BrokerAddress, Config, MqttConfig};
 use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use std::collections::VecDeque;
 use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,6 +52,91 @@ pub enum MqttError {
     BrokerStart { port: u16 },
     #[error("MQTT password variable {var} is set but not valid UTF-8")]
     Password { var: String },
+    #[error("TLS: {key} = {path:?}: {problem}")]
+    Tls {
+        key: &'static str,
+        path: PathBuf,
+        problem: String,
+    },
+}
+
+/// The rustls client configuration for `mqtts://`: CA from `mqtt.ca_file` (or the system's
+/// roots), optional client certificate, the ring crypto provider.
+pub fn tls_config(m: &MqttConfig) -> Result<rustls::ClientConfig, MqttError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let fail = |key: &'static str, path: &Path, problem: String| MqttError::Tls {
+        key,
+        path: path.to_path_buf(),
+        problem,
+    };
+    let read_certs =
+        |key: &'static str, path: &Path| -> Result<Vec<CertificateDer<'static>>, MqttError> {
+            if !path.is_file() {
+                return Err(fail(key, path, "no such file".into()));
+            }
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| fail(key, path, format!("not a PEM certificate file ({e})")))?;
+            if certs.is_empty() {
+                return Err(fail(key, path, "holds no PEM CERTIFICATE block".into()));
+            }
+            Ok(certs)
+        };
+
+    let mut roots = rustls::RootCertStore::empty();
+    if m.ca_file.as_os_str().is_empty() {
+        let found = rustls_native_certs::load_native_certs();
+        let (added, _) = roots.add_parsable_certificates(found.certs);
+        if added == 0 {
+            return Err(fail(
+                "mqtt.ca_file",
+                &m.ca_file,
+                "is empty and no system CA certificates were found; name the CA file that signed the broker's certificate".into(),
+            ));
+        }
+        log::debug!("TLS: {added} system CA certificates");
+    } else {
+        for cert in read_certs("mqtt.ca_file", &m.ca_file)? {
+            roots.add(cert).map_err(|e| {
+                fail(
+                    "mqtt.ca_file",
+                    &m.ca_file,
+                    format!("unusable CA certificate ({e})"),
+                )
+            })?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| fail("mqtt.url", Path::new(&m.url), e.to_string()))?
+        .with_root_certificates(roots);
+    if m.client_cert.as_os_str().is_empty() {
+        return Ok(builder.with_no_client_auth());
+    }
+    let chain = read_certs("mqtt.client_cert", &m.client_cert)?;
+    if !m.client_key.is_file() {
+        return Err(fail(
+            "mqtt.client_key",
+            &m.client_key,
+            "no such file".into(),
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(&m.client_key).map_err(|e| {
+        fail(
+            "mqtt.client_key",
+            &m.client_key,
+            format!("not a PEM private key ({e})"),
+        )
+    })?;
+    builder.with_client_auth_cert(chain, key).map_err(|e| {
+        fail(
+            "mqtt.client_key",
+            &m.client_key,
+            format!("does not go with mqtt.client_cert ({e})"),
+        )
+    })
 }
 
 /// Start rumqttd in-process on 127.0.0.1: MQTT 3.1.1 on `port`, MQTT 5 on `port + 1`.
@@ -111,6 +197,7 @@ pub fn start_embedded_broker(port: u16, max_payload: usize) -> Result<BrokerAddr
     Ok(BrokerAddress {
         host: "127.0.0.1".into(),
         port: v5_port,
+        tls: false,
     })
 }
 
@@ -162,6 +249,12 @@ pub fn client_options(
     };
     let mut opts = MqttOptions::new(id, broker.host.clone(), broker.port);
     opts.set_keep_alive(Duration::from_secs(m.keep_alive_s));
+    if broker.tls {
+        let tls = tls_config(m)?;
+        opts.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
+            Arc::new(tls),
+        )));
+    }
     opts.set_clean_start(false);
     opts.set_session_expiry_interval(Some(3600));
     opts.set_last_will(LastWill::new(
@@ -202,6 +295,7 @@ pub async fn poll_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(200);
+    let mut last_failure: Option<String> = None;
     loop {
         let event = tokio::select! {
             _ = shutdown.changed() => {
@@ -215,6 +309,7 @@ pub async fn poll_loop(
                 log::info!("connected to the MQTT broker");
                 counters.connected.store(true, Ordering::SeqCst);
                 backoff = Duration::from_millis(200);
+                last_failure = None;
                 let _ignored_if_publisher_gone = connacks.send(());
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -248,12 +343,17 @@ pub async fn poll_loop(
             }
             Ok(_) => {}
             Err(e) => {
+                let text = e.to_string();
                 if counters.connected.swap(false, Ordering::SeqCst) {
-                    log::warn!("MQTT connection lost: {e}");
+                    log::warn!("MQTT connection lost: {text}");
                     counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                } else if last_failure.as_deref() != Some(text.as_str()) {
+                    // Say why once (a refused TLS handshake, a wrong port...), not every retry.
+                    log::warn!("cannot connect to the MQTT broker: {text}; retrying with backoff");
                 } else {
-                    log::debug!("MQTT connection attempt failed: {e}; next in {backoff:?}");
+                    log::debug!("MQTT connection attempt failed: {text}; next in {backoff:?}");
                 }
+                last_failure = Some(text);
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = shutdown.changed() => if *shutdown.borrow() { return; },
@@ -438,11 +538,19 @@ impl Publisher {
 }
 
 /// The command that shows what the daemon publishes.
-pub fn watch_command(broker: &BrokerAddress, topics: &Topics) -> String {
-    format!(
-        "mosquitto_sub -h {} -p {} -t '{}/#' -v",
-        broker.host, broker.port, topics.base
-    )
+pub fn watch_command(broker: &BrokerAddress, m: &MqttConfig, topics: &Topics) -> String {
+    let mut cmd = format!("mosquitto_sub -h {} -p {}", broker.host, broker.port);
+    if broker.tls {
+        if m.ca_file.as_os_str().is_empty() {
+            cmd += " --capath /etc/ssl/certs";
+        } else {
+            cmd += &format!(" --cafile {}", m.ca_file.display());
+        }
+    }
+    if !m.username.is_empty() {
+        cmd += &format!(" -u {} -P \"${}\"", m.username, m.password_env);
+    }
+    cmd + &format!(" -t '{}/#' -v", topics.base)
 }
 
 #[cfg(test)]

@@ -9,6 +9,8 @@ use serde_json::Value;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -42,10 +44,18 @@ struct Mosquitto(Child);
 
 impl Mosquitto {
     fn start(dir: &Path, port: u16) -> Self {
+        Self::start_with(dir, port, "", &[port])
+    }
+
+    /// A plain listener on `port` plus `extra` configuration; waits for every port in `wait`.
+    fn start_with(dir: &Path, port: u16, extra: &str, wait: &[u16]) -> Self {
         let conf = dir.join("mosquitto.conf");
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+            format!(
+                "per_listener_settings false\nallow_anonymous true\npersistence false\n\
+                 listener {port} 127.0.0.1\n{extra}"
+            ),
         )
         .unwrap();
         let exe = ["mosquitto", "/usr/sbin/mosquitto"]
@@ -59,7 +69,9 @@ impl Mosquitto {
             .stderr(Stdio::null())
             .spawn()
             .expect("start mosquitto");
-        wait_port(port);
+        for p in wait {
+            wait_port(*p);
+        }
         Self(child)
     }
 }
@@ -146,6 +158,8 @@ struct Msg {
 struct Watcher {
     client: AsyncClient,
     rx: mpsc::UnboundedReceiver<Msg>,
+    /// SubAcks received: one per topic per (re)connection.
+    subacks: Arc<AtomicUsize>,
 }
 
 impl Watcher {
@@ -156,6 +170,8 @@ impl Watcher {
         let (client, mut eventloop) = AsyncClient::new(opts, 64);
         let (tx, rx) = mpsc::unbounded_channel();
         let resubscriber = client.clone();
+        let subacks = Arc::new(AtomicUsize::new(0));
+        let counted = subacks.clone();
         tokio::spawn(async move {
             loop {
                 match eventloop.poll().await {
@@ -167,6 +183,9 @@ impl Watcher {
                         ] {
                             let _ = resubscriber.try_subscribe(topic, QoS::AtLeastOnce);
                         }
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        counted.fetch_add(1, Ordering::SeqCst);
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let correlation = p
@@ -187,7 +206,23 @@ impl Watcher {
                 }
             }
         });
-        Self { client, rx }
+        Self {
+            client,
+            rx,
+            subacks,
+        }
+    }
+
+    /// Wait until the watcher holds `n` SubAcks in all (it subscribes to 2 topics per connection).
+    async fn wait_subacks(&self, n: usize, secs: u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while self.subacks.load(Ordering::SeqCst) < n {
+            assert!(
+                Instant::now() < deadline,
+                "the watcher did not (re)subscribe"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// The next message on `topic` for which `pred` holds, within `secs`.
@@ -432,4 +467,198 @@ async fn daemon_survives_a_broker_restart() {
     daemon.signal("-TERM");
     w.expect("available", 30, is("offline")).await;
     assert!(daemon.wait_exit(Duration::from_secs(60)).success());
+}
+
+/// An answer produced while the broker is gone is delivered once the daemon reconnects.
+///
+/// To make "produced while disconnected" certain rather than a race: the daemon is stopped
+/// (SIGSTOP) while the broker hands it a question, so the question waits in the daemon's socket;
+/// the broker is then killed and restarted, and only when the watcher is back does the daemon
+/// continue: it reads the question, then the end of the old connection, answers while offline,
+/// reconnects and delivers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answer_made_during_an_outage_is_delivered_after_reconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port_pair();
+    let broker = Mosquitto::start(dir.path(), port);
+    let mut w = Watcher::connect(port, "watcher-outage").await;
+    let mut daemon = Daemon::start(
+        dir.path(),
+        &format!("[mqtt]\nurl = \"mqtt://127.0.0.1:{port}\""),
+    );
+    w.expect("available", 60, is("online")).await;
+    w.expect("pose", 30, |_| true).await;
+
+    daemon.signal("-STOP");
+    w.ask(r#"{"id":"in-outage","text":"Still there?"}"#).await;
+    // Give the broker time to forward the question into the stopped daemon's socket.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    drop(broker);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let subacks = w.subacks.load(Ordering::SeqCst);
+    let _broker = Mosquitto::start(dir.path(), port);
+    w.wait_subacks(subacks + 2, 30).await;
+    daemon.signal("-CONT");
+
+    let a = json(&w.expect("answer", 60, answer_for("in-outage")).await);
+    assert!(a["text"].is_string(), "{a}");
+    assert!(a["error"].is_null(), "{a}");
+    daemon.signal("-TERM");
+    w.expect("available", 30, is("offline")).await;
+    assert!(daemon.wait_exit(Duration::from_secs(60)).success());
+}
+
+/// Write a CA, a broker certificate for 127.0.0.1/localhost and a client certificate with
+/// the openssl command line tool (installed by scripts/setup.sh).
+fn make_certificates(dir: &Path) {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl is not installed: run scripts/setup.sh");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509", "-days", "2", "-subj", "/CN=posegpt test CA"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    openssl(&ca);
+    for (name, cn, ext) in [
+        (
+            "server",
+            "localhost",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        ),
+        ("client", "posegpt-device", "extendedKeyUsage=clientAuth\n"),
+    ] {
+        let (key, csr, pem, extfile) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+            format!("{name}.ext"),
+        );
+        std::fs::write(dir.join(&extfile), ext).unwrap();
+        let subj = format!("/CN={cn}");
+        let mut req = vec!["req", "-subj", &subj, "-keyout", &key, "-out", &csr];
+        req.extend(ec);
+        openssl(&req);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            &pem,
+            "-extfile",
+            &extfile,
+        ]);
+    }
+}
+
+/// `mqtts://` against a mosquitto TLS listener that also requires a client certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_over_tls_with_a_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    make_certificates(dir.path());
+    let port = free_port_pair();
+    let tls_port = port + 1;
+    let d = dir.path().display();
+    let _broker = Mosquitto::start_with(
+        dir.path(),
+        port,
+        &format!(
+            "listener {tls_port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/server.pem\n\
+             keyfile {d}/server.key\nrequire_certificate true\n\
+             # Started as root, mosquitto would drop to a user that cannot read the test's\n\
+             # private files; as any other user this line does nothing.\nuser root\n"
+        ),
+        &[port, tls_port],
+    );
+    // The watcher uses the plain listener; the daemon only the TLS one.
+    let mut w = Watcher::connect(port, "watcher-tls").await;
+    let mut daemon = Daemon::start(
+        dir.path(),
+        &format!(
+            "[mqtt]\nurl = \"mqtts://localhost:{tls_port}\"\nca_file = \"ca.pem\"\n\
+             client_cert = \"client.pem\"\nclient_key = \"client.key\""
+        ),
+    );
+    w.expect("available", 60, is("online")).await;
+    let v = json(&w.expect("pose", 30, |_| true).await);
+    assert_eq!(v["persons"][0]["body_pose"].as_array().unwrap().len(), 69);
+    w.ask(r#"{"id":"t1","text":"Secure?"}"#).await;
+    let a = json(&w.expect("answer", 30, answer_for("t1")).await);
+    assert!(a["text"].is_string(), "{a}");
+    daemon.signal("-TERM");
+    w.expect("available", 30, is("offline")).await;
+    assert!(daemon.wait_exit(Duration::from_secs(60)).success());
+
+    // Without the client certificate the broker refuses the handshake: the daemon keeps
+    // retrying and never comes online, and still stops cleanly.
+    let mut daemon = Daemon::start(
+        dir.path(),
+        &format!("[mqtt]\nurl = \"mqtts://localhost:{tls_port}\"\nca_file = \"ca.pem\""),
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(daemon.0.try_wait().unwrap().is_none(), "the daemon exited");
+    daemon.signal("-TERM");
+    assert!(daemon.wait_exit(Duration::from_secs(30)).success());
+    while let Ok(m) = w.rx.try_recv() {
+        assert!(
+            !(m.topic.ends_with("/available") && m.payload == b"online"),
+            "came online without a client certificate"
+        );
+    }
+
+    // A CA file that is not PEM stops the start with an error naming the key.
+    std::fs::write(dir.path().join("bad-ca.pem"), "not a certificate").unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[model]\nbundle = \"{}\"\n[source]\nkind = \"dir\"\npath = \"{}\"\n\
+             [mqtt]\nurl = \"mqtts://localhost:{tls_port}\"\nca_file = \"bad-ca.pem\"\n",
+            root().join("models/test-tiny").display(),
+            root().join("models/samples").display(),
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_posegpt-edge"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("mqtt.ca_file") && err.contains("bad-ca.pem"),
+        "{err}"
+    );
 }
