@@ -1,8 +1,112 @@
 //! Rotation conventions. 6D → matrix follows HMR2/ChatPose: `a1 = x[0..3]`, `a2 = x[3..6]`,
-//! Gram–Schmidt, and the matrix's **columns** are `b1 b2 b3`. Matrices are row-major `[f32; 9]`.
+//! Gram–Schmidt, and the matrix's **columns** are `b1 b2 b3`. Matrices are row-major `[f32; 9]`;
+//! quaternions are `[w, x, y, z]`. Nothing here allocates.
 
 /// A 3×3 rotation matrix, row-major.
 pub type Mat3 = [f32; 9];
+
+/// A unit quaternion `[w, x, y, z]`.
+pub type Quat = [f32; 4];
+
+/// The identity rotation.
+pub const IDENTITY: Mat3 = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0];
+
+/// `a · b`.
+pub fn matmul(a: &Mat3, b: &Mat3) -> Mat3 {
+    std::array::from_fn(|k| {
+        let (i, j) = (k / 3, k % 3);
+        a[i * 3] * b[j] + a[i * 3 + 1] * b[3 + j] + a[i * 3 + 2] * b[6 + j]
+    })
+}
+
+/// `aᵀ`.
+pub fn transpose(a: &Mat3) -> Mat3 {
+    [a[0], a[3], a[6], a[1], a[4], a[7], a[2], a[5], a[8]]
+}
+
+/// `a · v`.
+pub fn mat_vec(a: &Mat3, v: &[f32; 3]) -> [f32; 3] {
+    std::array::from_fn(|i| a[i * 3] * v[0] + a[i * 3 + 1] * v[1] + a[i * 3 + 2] * v[2])
+}
+
+/// The angle in radians of the rotation that takes `a` to `b` (the geodesic distance on
+/// SO(3)), in [0, π]; accurate for small angles too (atan2, not acos).
+pub fn geodesic_angle(a: &Mat3, b: &Mat3) -> f32 {
+    let r: [f64; 9] = std::array::from_fn(|k| {
+        let (i, j) = (k / 3, k % 3);
+        // (aᵀ b)[i][j] = Σ_k a[k][i] b[k][j]
+        (0..3)
+            .map(|m| a[m * 3 + i] as f64 * b[m * 3 + j] as f64)
+            .sum()
+    });
+    let v = [r[7] - r[5], r[2] - r[6], r[3] - r[1]];
+    let cos = (r[0] + r[4] + r[8] - 1.0) / 2.0;
+    (0.5 * norm(v)).atan2(cos) as f32
+}
+
+/// Rotation matrix → unit quaternion with w ≥ 0 (Shepperd's method: the largest of the four
+/// squared components is taken from the diagonal, the rest from off-diagonal sums).
+pub fn matrix_to_quaternion(m: &Mat3) -> Quat {
+    let r: [f64; 9] = m.map(|v| v as f64);
+    let tr = r[0] + r[4] + r[8];
+    let q = if tr >= r[0].max(r[4]).max(r[8]) {
+        let s = (1.0 + tr).max(0.0).sqrt() * 2.0; // 4w
+        [
+            0.25 * s,
+            (r[7] - r[5]) / s,
+            (r[2] - r[6]) / s,
+            (r[3] - r[1]) / s,
+        ]
+    } else if r[0] >= r[4] && r[0] >= r[8] {
+        let s = (1.0 + r[0] - r[4] - r[8]).max(0.0).sqrt() * 2.0; // 4x
+        [
+            (r[7] - r[5]) / s,
+            0.25 * s,
+            (r[1] + r[3]) / s,
+            (r[2] + r[6]) / s,
+        ]
+    } else if r[4] >= r[8] {
+        let s = (1.0 + r[4] - r[0] - r[8]).max(0.0).sqrt() * 2.0; // 4y
+        [
+            (r[2] - r[6]) / s,
+            (r[1] + r[3]) / s,
+            0.25 * s,
+            (r[5] + r[7]) / s,
+        ]
+    } else {
+        let s = (1.0 + r[8] - r[0] - r[4]).max(0.0).sqrt() * 2.0; // 4z
+        [
+            (r[3] - r[1]) / s,
+            (r[2] + r[6]) / s,
+            (r[5] + r[7]) / s,
+            0.25 * s,
+        ]
+    };
+    let n = (q[0] * q[0] + q[1] * q[1] + q[2] * q[2] + q[3] * q[3]).sqrt();
+    let sign = if q[0] < 0.0 { -1.0 } else { 1.0 };
+    q.map(|c| (c * sign / n) as f32)
+}
+
+/// Quaternion `[w, x, y, z]` (normalised here) → rotation matrix.
+pub fn quaternion_to_matrix(q: &Quat) -> Mat3 {
+    let n = q.iter().map(|&c| c as f64 * c as f64).sum::<f64>().sqrt();
+    if n < 1e-12 {
+        return IDENTITY;
+    }
+    let [w, x, y, z] = q.map(|c| c as f64 / n);
+    [
+        1.0 - 2.0 * (y * y + z * z),
+        2.0 * (x * y - w * z),
+        2.0 * (x * z + w * y),
+        2.0 * (x * y + w * z),
+        1.0 - 2.0 * (x * x + z * z),
+        2.0 * (y * z - w * x),
+        2.0 * (x * z - w * y),
+        2.0 * (y * z + w * x),
+        1.0 - 2.0 * (x * x + y * y),
+    ]
+    .map(|v| v as f32)
+}
 
 /// 6D rotation (first two columns, unnormalised) → rotation matrix with columns b1, b2, b3.
 /// Degenerate input (a zero or parallel pair) still gives a proper rotation: a fixed fallback
@@ -194,6 +298,9 @@ mod tests {
                 .map(|(a, b)| (a - b).abs())
                 .fold(0.0, f32::max);
             assert!(dm < 1e-5, "{aa:?} -> {back:?}");
+            // Within 1e-5 rad as rotations, near π included (where a and −a coincide).
+            let err = geodesic_angle(&m1, &m2);
+            assert!(err < 1e-5, "{aa:?} -> {back:?}: {err} rad");
             let angle = (aa[0] * aa[0] + aa[1] * aa[1] + aa[2] * aa[2]).sqrt();
             if angle < std::f32::consts::PI - 1e-3 {
                 let d = aa
@@ -204,6 +311,46 @@ mod tests {
                 assert!(d < 1e-5, "{aa:?} -> {back:?}");
             }
         }
+    }
+
+    #[test]
+    fn quaternions_round_trip_and_agree_with_axis_angle() {
+        let mut g = Lcg(13);
+        let mut cases: Vec<[f32; 3]> = (0..300)
+            .map(|_| [g.next() * 1.8, g.next() * 1.8, g.next() * 1.8])
+            .collect();
+        // Each branch of Shepperd's method: near identity, and near π about x, y and z.
+        let pi = std::f32::consts::PI - 1e-3;
+        cases.extend([
+            [0.0, 0.0, 0.0],
+            [pi, 0.0, 0.0],
+            [0.0, pi, 0.0],
+            [0.0, 0.0, pi],
+        ]);
+        for aa in cases {
+            let m = axis_angle_to_matrix(&aa);
+            let q = matrix_to_quaternion(&m);
+            let norm: f32 = q.iter().map(|c| c * c).sum::<f32>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-6 && q[0] >= 0.0, "{q:?}");
+            // q = (cos θ/2, sin θ/2 · axis).
+            let angle = (aa[0] * aa[0] + aa[1] * aa[1] + aa[2] * aa[2]).sqrt();
+            assert!((q[0] - (angle / 2.0).cos()).abs() < 1e-5, "{aa:?} {q:?}");
+            let back = quaternion_to_matrix(&q);
+            assert!(geodesic_angle(&m, &back) < 1e-5, "{aa:?}");
+        }
+    }
+
+    #[test]
+    fn geodesic_angle_is_the_relative_rotation_angle() {
+        let a = axis_angle_to_matrix(&[0.3, -0.2, 0.9]);
+        // b = a · R(axis, 0.25): the angle between them is 0.25 whatever a is.
+        let b = matmul(&a, &axis_angle_to_matrix(&[0.0, 0.25, 0.0]));
+        assert!((geodesic_angle(&a, &b) - 0.25).abs() < 1e-6);
+        assert!(geodesic_angle(&a, &a) < 1e-6);
+        let flip = axis_angle_to_matrix(&[std::f32::consts::PI, 0.0, 0.0]);
+        assert!((geodesic_angle(&IDENTITY, &flip) - std::f32::consts::PI).abs() < 1e-6);
+        let m = matmul(&a, &transpose(&a));
+        assert!(geodesic_angle(&m, &IDENTITY) < 1e-6);
     }
 
     #[test]
