@@ -16,6 +16,29 @@ pub struct Config {
     pub pose: PoseStreamConfig,
     pub requests: RequestConfig,
     pub mqtt: MqttConfig,
+    pub smpl: SmplConfig,
+}
+
+/// Where each pose's joint positions come from.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmplConfig {
+    /// Body height of the built-in skeleton, metres (used when `model` is empty).
+    pub height_m: f32,
+    /// The user's own SMPL model (`.npz`); empty = the built-in skeleton.
+    pub model: PathBuf,
+    /// Body shape for `model`: up to 10 SMPL shape coefficients (missing ones are 0).
+    pub betas: Vec<f32>,
+}
+
+impl Default for SmplConfig {
+    fn default() -> Self {
+        Self {
+            height_m: 1.70,
+            model: PathBuf::new(),
+            betas: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -318,6 +341,7 @@ impl Config {
             &mut self.mqtt.ca_file,
             &mut self.mqtt.client_cert,
             &mut self.mqtt.client_key,
+            &mut self.smpl.model,
         ] {
             if p.is_relative() && !p.as_os_str().is_empty() {
                 *p = base.join(&*p);
@@ -432,6 +456,34 @@ impl Config {
                 format!("= {}: must be > 0", self.mqtt.stats_interval_s),
             );
         }
+        let h = self.smpl.height_m;
+        if !(0.5..=2.5).contains(&h) {
+            return bad(
+                "smpl.height_m",
+                format!("= {h}: must be a body height in metres, 0.5 to 2.5"),
+            );
+        }
+        if self.smpl.betas.len() > 10 {
+            return bad(
+                "smpl.betas",
+                format!(
+                    "has {} values: SMPL takes at most 10 shape coefficients",
+                    self.smpl.betas.len()
+                ),
+            );
+        }
+        if let Some(b) = self.smpl.betas.iter().find(|b| !b.is_finite()) {
+            return bad(
+                "smpl.betas",
+                format!("holds {b}: every value must be finite"),
+            );
+        }
+        if !self.smpl.betas.is_empty() && self.smpl.model.as_os_str().is_empty() {
+            return bad(
+                "smpl.betas",
+                "is set but smpl.model is empty: body shape needs an SMPL model (the built-in skeleton takes smpl.height_m)".into(),
+            );
+        }
         if self.mqtt.keep_alive_s < 5 {
             return bad(
                 "mqtt.keep_alive_s",
@@ -464,6 +516,8 @@ mod tests {
         assert_eq!(parsed, Config::default());
         // Every key is written out in the file (not left to a default).
         for key in [
+            "height_m =",
+            "betas =",
             "id =",
             "bundle =",
             "threads =",
@@ -571,6 +625,22 @@ mod tests {
         let tls = m("mqtts://broker.example").broker().unwrap().unwrap();
         assert!(tls.tls && tls.port == 8883 && tls.host == "broker.example");
         assert!(m("ws://x:80").broker().is_err());
+    }
+
+    #[test]
+    fn smpl_section_is_checked() {
+        let e = err("[smpl]\nheight_m = 170\n");
+        assert!(e.contains("smpl.height_m") && e.contains("metres"), "{e}");
+        let e = err("[smpl]\nmodel = \"m.npz\"\nbetas = [0,0,0,0,0,0,0,0,0,0,0]\n");
+        assert!(e.contains("smpl.betas") && e.contains("10"), "{e}");
+        let e = err("[smpl]\nbetas = [1.0]\n");
+        assert!(e.contains("smpl.betas") && e.contains("smpl.model"), "{e}");
+        let ok = Config::parse(
+            "[smpl]\nmodel = \"m.npz\"\nbetas = [0.5, -1]\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(ok.smpl.betas, vec![0.5, -1.0]);
     }
 
     #[test]

@@ -69,9 +69,10 @@ fn unix_ms(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn runtime_options(config: &Config) -> RuntimeOptions {
+fn runtime_options(config: &Config, skeleton: crate::smpl::Skeleton) -> RuntimeOptions {
     let m = &config.model;
     RuntimeOptions {
+        skeleton,
         load: crate::bundle::LoadOptions {
             model: ModelParams {
                 n_gpu_layers: m.n_gpu_layers,
@@ -118,9 +119,16 @@ async fn run_async(config: Config) -> Result<()> {
     let payload_limit =
         config.requests.max_image_bytes / 3 * 4 + config.requests.max_text_bytes + 65536;
 
-    // The model first: a broken bundle should fail before anything is announced.
+    // The models first: a broken bundle should fail before anything is announced.
+    let s = &config.smpl;
+    let skeleton = crate::smpl::configured_skeleton(
+        (!s.model.as_os_str().is_empty()).then_some(s.model.as_path()),
+        &s.betas,
+        s.height_m,
+    )
+    .context("cannot load smpl.model")?;
     log::info!("loading model bundle {}", config.model.bundle.display());
-    let pg = PoseGpt::load(&config.model.bundle, runtime_options(&config))
+    let pg = PoseGpt::load(&config.model.bundle, runtime_options(&config, skeleton))
         .with_context(|| format!("cannot load model bundle {}", config.model.bundle.display()))?;
     let source = open_source(&config.source).context("cannot open the frame source")?;
 

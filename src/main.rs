@@ -5,6 +5,8 @@ use clap::{Args, Parser, Subcommand};
 use posegpt_edge::bundle::{Bundle, LoadOptions};
 use posegpt_edge::llm::{Sampling, SessionParams};
 use posegpt_edge::posegpt::{PoseGpt, RuntimeOptions};
+use posegpt_edge::smpl::model::as_joint_rotations;
+use posegpt_edge::smpl::{Skeleton, SmplModel};
 use posegpt_edge::vision::load_image;
 use std::path::{Path, PathBuf};
 
@@ -34,6 +36,9 @@ enum Command {
         /// A JPEG or PNG image.
         #[arg(long)]
         image: PathBuf,
+        /// Also write the posed SMPL mesh here as Wavefront OBJ (needs --smpl-model).
+        #[arg(long, requires = "smpl_model")]
+        mesh: Option<PathBuf>,
     },
     /// Ask a question, optionally about an image; prints the reply (text + poses) as JSON.
     Ask {
@@ -80,10 +85,49 @@ struct ModelArgs {
     /// Exact mode: flash attention off and an F32 KV cache (slower; matches references).
     #[arg(long)]
     exact: bool,
+    /// Body height in metres of the built-in skeleton that joint positions come from.
+    #[arg(long, default_value_t = 1.70)]
+    height: f32,
+    /// Your SMPL model (.npz, see docs/smpl.md): joints (and --mesh) from it instead.
+    #[arg(long)]
+    smpl_model: Option<PathBuf>,
+    /// SMPL shape coefficients for --smpl-model, comma-separated (up to 10; missing = 0).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        allow_hyphen_values = true,
+        requires = "smpl_model"
+    )]
+    betas: Vec<f32>,
 }
 
 impl ModelArgs {
-    fn options(&self) -> RuntimeOptions {
+    /// The SMPL model named by --smpl-model, checked.
+    fn smpl_model(&self) -> Result<Option<SmplModel>> {
+        if !(0.5..=2.5).contains(&self.height) {
+            anyhow::bail!(
+                "--height {}: a body height in metres, 0.5 to 2.5",
+                self.height
+            );
+        }
+        if self.betas.len() > 10 {
+            anyhow::bail!(
+                "--betas: {} values, SMPL takes at most 10",
+                self.betas.len()
+            );
+        }
+        Ok(self
+            .smpl_model
+            .as_deref()
+            .map(SmplModel::load)
+            .transpose()?)
+    }
+
+    fn options(&self, smpl: Option<&SmplModel>) -> RuntimeOptions {
+        let skeleton = match smpl {
+            Some(m) => m.skeleton(&self.betas),
+            None => Skeleton::builtin(self.height),
+        };
         let threads = if self.threads > 0 {
             self.threads
         } else {
@@ -98,6 +142,7 @@ impl ModelArgs {
                 exact: self.exact,
                 ..SessionParams::default()
             },
+            skeleton,
             ..RuntimeOptions::default()
         }
     }
@@ -131,13 +176,29 @@ fn run(cli: Cli) -> Result<()> {
             let config = posegpt_edge::config::Config::load(&config)?;
             posegpt_edge::daemon::run(config)?;
         }
-        Command::Pose { model, image } => {
-            // The image first: a bad path fails before the model loads.
+        Command::Pose { model, image, mesh } => {
+            // The inputs first: a bad path fails before the model loads.
             let started = std::time::Instant::now();
             let img = load_image(&image)?;
             let decode_ms = started.elapsed().as_secs_f64() * 1e3;
-            let mut pg = model.load(model.options())?;
+            let smpl = model.smpl_model()?;
+            let mut pg = model.load(model.options(smpl.as_ref()))?;
             let pose = pg.pose(&img)?;
+            if let (Some(path), Some(smpl)) = (&mesh, &smpl) {
+                let local = as_joint_rotations(&pose.pose.smpl.rotmats)
+                    .context("the pose head gave fewer than 24 rotations")?;
+                let out = smpl.forward(&model.betas, &local, [0.0; 3]);
+                let file = std::fs::File::create(path)
+                    .with_context(|| format!("cannot write the mesh to {}", path.display()))?;
+                smpl.write_obj(&out.vertices, std::io::BufWriter::new(file))
+                    .with_context(|| format!("cannot write the mesh to {}", path.display()))?;
+                log::info!(
+                    "posed mesh ({} vertices, {} faces) written to {}",
+                    out.vertices.len(),
+                    smpl.faces().len(),
+                    path.display()
+                );
+            }
             log::info!(
                 "pose in {:.1} ms (decode {decode_ms:.1}, preprocess {:.1}, encoder {:.1}, prefill {:.1}, head {:.1}); confidence {:.3}",
                 pose.timings.total_ms + decode_ms,
@@ -160,7 +221,8 @@ fn run(cli: Cli) -> Result<()> {
             question,
         } => {
             let img = image.as_deref().map(load_image).transpose()?;
-            let mut options = model.options();
+            let smpl = model.smpl_model()?;
+            let mut options = model.options(smpl.as_ref());
             options.max_tokens = max_tokens;
             options.sampling = if temperature > 0.0 {
                 Sampling::Random {
@@ -188,7 +250,7 @@ fn run(cli: Cli) -> Result<()> {
             Err(e) => anyhow::bail!("cannot list cameras: {e}"),
         },
         Command::Check { model, image } => {
-            let options = model.options();
+            let options = model.options(None);
             let bundle = Bundle::load(&model.bundle, &options.load)
                 .with_context(|| format!("bundle {} failed its check", model.bundle.display()))?;
             let facts = bundle.facts();

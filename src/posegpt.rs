@@ -19,6 +19,8 @@
 use crate::bundle::{Bundle, BundleError, LoadOptions};
 use crate::llm::{GenerateParams, LlmError, Sampling, Segment, Session, SessionParams, Token};
 use crate::pose_head::{PoseHeadError, SmplPose, HEAD_OUTPUTS};
+use crate::smpl::model::as_joint_rotations;
+use crate::smpl::{Skeleton, Vec3};
 use crate::vision::{preprocess, RgbImage, VisionError};
 use serde::Serialize;
 use std::collections::HashMap;
@@ -58,6 +60,8 @@ pub struct RuntimeOptions {
     pub max_history_turns: usize,
     /// Conversations kept (least recently used dropped first).
     pub max_conversations: usize,
+    /// The skeleton each pose's joint positions come from (built-in, or an SMPL model's).
+    pub skeleton: Skeleton,
 }
 
 impl Default for RuntimeOptions {
@@ -70,6 +74,7 @@ impl Default for RuntimeOptions {
             sampling: Sampling::Greedy,
             max_history_turns: 4,
             max_conversations: 16,
+            skeleton: Skeleton::default(),
         }
     }
 }
@@ -94,6 +99,9 @@ pub struct Timings {
 pub struct Pose {
     #[serde(flatten)]
     pub smpl: SmplPose,
+    /// The 24 joint positions (metres, SMPL axes, pelvis at the origin) from forward
+    /// kinematics of these rotations on the configured skeleton.
+    pub joints: Vec<Vec3>,
     /// Softmax probability of the pose token at the position the head read.
     pub confidence: f32,
     /// The head's 144 outputs (24 × 6D).
@@ -247,8 +255,19 @@ impl PoseGpt {
     /// Run the pose head on a hidden state.
     pub fn head_pose(&self, hidden: Vec<f32>, confidence: f32) -> Result<Pose, PoseGptError> {
         let raw = self.bundle.head.run(&hidden)?;
+        let smpl = SmplPose::from_rot6d(&raw);
+        let joints = match as_joint_rotations(&smpl.rotmats) {
+            Some(local) => self
+                .options
+                .skeleton
+                .forward(&local, [0.0; 3])
+                .joints
+                .to_vec(),
+            None => Vec::new(),
+        };
         Ok(Pose {
-            smpl: SmplPose::from_rot6d(&raw),
+            smpl,
+            joints,
             confidence,
             raw,
             hidden,

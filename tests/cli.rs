@@ -101,3 +101,108 @@ fn cameras_lists_devices_or_says_there_are_none() {
     );
     assert!(!out.stdout.is_empty(), "cameras printed nothing");
 }
+
+fn vec3s(v: &serde_json::Value) -> Vec<[f32; 3]> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|p| std::array::from_fn(|c| p[c].as_f64().unwrap() as f32))
+        .collect()
+}
+
+#[test]
+fn pose_joints_come_from_the_chosen_skeleton_and_mesh_is_written() {
+    use posegpt_edge::smpl::model::as_joint_rotations;
+    use posegpt_edge::smpl::synthetic::{SyntheticSmpl, FIXTURE_SEED};
+    use posegpt_edge::smpl::{Skeleton, SmplModel};
+
+    let args = [
+        "pose",
+        "--bundle",
+        "models/test-tiny",
+        "--image",
+        "models/samples/person-wave.png",
+    ];
+    // Built-in skeleton: joints are FK of the printed rotations on it, at the given height.
+    let v = json(&run(&[&args[..], &["--height", "1.9"]].concat()));
+    let rotmats: Vec<[f32; 9]> = v["rotmats"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| std::array::from_fn(|k| m[k].as_f64().unwrap() as f32))
+        .collect();
+    let local = as_joint_rotations(&rotmats).unwrap();
+    let joints = vec3s(&v["joints"]);
+    assert_eq!(joints.len(), 24);
+    let want = Skeleton::builtin(1.9).forward(&local, [0.0; 3]).joints;
+    for (a, b) in joints.iter().zip(&want) {
+        assert!((0..3).all(|c| (a[c] - b[c]).abs() < 1e-5), "{a:?} vs {b:?}");
+    }
+
+    // A user SMPL model: joints from its shaped skeleton, and the posed mesh as OBJ.
+    let dir = tempfile::tempdir().unwrap();
+    let model_path = dir.path().join("smpl.npz");
+    SyntheticSmpl::new(FIXTURE_SEED)
+        .write_npz(&model_path)
+        .unwrap();
+    let mesh = dir.path().join("out.obj");
+    let (m, o) = (
+        model_path.to_str().unwrap(),
+        mesh.to_str().unwrap().to_string(),
+    );
+    let v = json(&run(&[
+        &args[..],
+        &["--smpl-model", m, "--betas", "1.5,-0.5", "--mesh", &o],
+    ]
+    .concat()));
+    let model = SmplModel::load(&model_path).unwrap();
+    let want = model
+        .skeleton(&[1.5, -0.5])
+        .forward(&local, [0.0; 3])
+        .joints;
+    for (a, b) in vec3s(&v["joints"]).iter().zip(&want) {
+        assert!((0..3).all(|c| (a[c] - b[c]).abs() < 1e-5), "{a:?} vs {b:?}");
+    }
+    let obj = std::fs::read_to_string(&mesh).unwrap();
+    assert_eq!(obj.lines().filter(|l| l.starts_with("v ")).count(), 6890);
+    assert_eq!(obj.lines().filter(|l| l.starts_with("f ")).count(), 13776);
+    // Faces are 1-based and in range.
+    assert!(obj.lines().filter(|l| l.starts_with("f ")).all(|l| l
+        .split_whitespace()
+        .skip(1)
+        .all(|i| (1..=6890).contains(&i.parse::<usize>().unwrap()))));
+
+    // --mesh without a model, and a model that is not one, are refused clearly.
+    let out = run(&[&args[..], &["--mesh", &o]].concat());
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--smpl-model"));
+    let out = run(&[&args[..], &["--smpl-model", "README.md"]].concat());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("README.md") && err.contains(".npz"),
+        "{err}"
+    );
+}
+
+#[test]
+fn daemon_refuses_an_unreadable_smpl_model_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[model]\nbundle = \"{}\"\n[source]\nkind = \"dir\"\npath = \"{}\"\n\
+             [smpl]\nmodel = \"no-such-model.npz\"\n",
+            root().join("models/test-tiny").display(),
+            root().join("models/samples").display()
+        ),
+    )
+    .unwrap();
+    let out = run(&["run", "--config", config.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("smpl.model") && err.contains("no-such-model.npz"),
+        "{err}"
+    );
+}

@@ -304,6 +304,11 @@ async fn daemon_with_mosquitto() {
             3
         );
         assert!(v["latency_ms"].as_f64().unwrap() >= 0.0);
+        // 24 joint positions from the built-in skeleton, pelvis at the origin.
+        let joints = v["persons"][0]["joints"].as_array().unwrap();
+        assert_eq!(joints.len(), 24);
+        assert!(joints.iter().all(|p| p.as_array().unwrap().len() == 3));
+        assert_eq!(joints[0], serde_json::json!([0.0, 0.0, 0.0]));
         let seq = v["seq"].as_u64().unwrap();
         if let Some(prev) = last {
             assert!(seq > prev, "pose seq {seq} after {prev}");

@@ -76,3 +76,28 @@ pub const PARENTS: [Option<usize>; NUM_JOINTS] = [
 
 /// A 3D point or vector.
 pub type Vec3 = [f32; 3];
+
+/// The skeleton joint positions come from: the user's SMPL model (`model`, shaped by `betas`)
+/// when given, else the built-in one scaled to `height_m`.
+pub fn configured_skeleton(
+    model: Option<&std::path::Path>,
+    betas: &[f32],
+    height_m: f32,
+) -> Result<Skeleton, SmplModelError> {
+    match model {
+        Some(path) => {
+            let m = SmplModel::load(path)?;
+            log::info!(
+                "joints from the SMPL model {} ({} vertices, {} shape coefficients given)",
+                path.display(),
+                m.num_vertices(),
+                betas.len()
+            );
+            Ok(m.skeleton(betas))
+        }
+        None => {
+            log::info!("joints from the built-in skeleton, body height {height_m:.2} m");
+            Ok(Skeleton::builtin(height_m))
+        }
+    }
+}

@@ -135,6 +135,12 @@ pub fn rot6d_to_matrix(x: &[f32; 6]) -> Mat3 {
     m.map(|v| v as f32)
 }
 
+/// Rotation matrix → 6D: its first two columns, `[b1, b2]` (the inverse of
+/// [`rot6d_to_matrix`] on rotations).
+pub fn matrix_to_rot6d(m: &Mat3) -> [f32; 6] {
+    [m[0], m[3], m[6], m[1], m[4], m[7]]
+}
+
 /// Rotation matrix → axis-angle (axis × angle in radians, angle in [0, π]). Stable near 0
 /// (first-order expansion) and near π (axis from the symmetric part).
 pub fn matrix_to_axis_angle(m: &Mat3) -> [f32; 3] {
@@ -260,6 +266,12 @@ mod tests {
             // The first column is a1's direction: the convention is columns, not rows.
             let n = (x[0] * x[0] + x[1] * x[1] + x[2] * x[2]).sqrt();
             assert!((m[0] - x[0] / n).abs() < 1e-5 && (m[3] - x[1] / n).abs() < 1e-5);
+        }
+        // Back to 6D and again: the same rotation.
+        for _ in 0..100 {
+            let m = axis_angle_to_matrix(&[g.next() * 2.0, g.next() * 2.0, g.next() * 2.0]);
+            let again = rot6d_to_matrix(&matrix_to_rot6d(&m));
+            assert!(m.iter().zip(&again).all(|(a, b)| (a - b).abs() < 1e-6));
         }
         let degenerate = rot6d_to_matrix(&[1.0, 0.0, 0.0, 2.0, 0.0, 0.0]);
         assert!((det(&degenerate) - 1.0).abs() < 1e-5);
