@@ -46,10 +46,46 @@ pub struct CameraRequest {
     pub fps: u32,
 }
 
+/// What the capture loop needs from an open camera: nokhwa's, or a scripted one in tests.
+trait Device {
+    fn grab(&mut self) -> Result<RgbImage, Grab>;
+}
+
+/// Why no image came from [`Device::grab`].
+enum Grab {
+    /// This frame is unusable (the device still works).
+    Bad(String),
+    /// The device failed or disappeared: close it and reopen.
+    Lost(String),
+}
+
+impl Device for Camera {
+    fn grab(&mut self) -> Result<RgbImage, Grab> {
+        let buffer = self.frame().map_err(|e| Grab::Lost(e.to_string()))?;
+        let res = buffer.resolution();
+        to_rgb(
+            buffer.source_frame_format(),
+            res.width(),
+            res.height(),
+            buffer.buffer(),
+        )
+        .map_err(Grab::Bad)
+    }
+}
+
+type Opener = Box<dyn FnMut() -> Result<Box<dyn Device>, String>>;
+
+/// First and longest pause between attempts to reopen a lost camera.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+const LONGEST_RETRY: Duration = Duration::from_secs(30);
+
 pub struct CameraSource {
-    request: CameraRequest,
-    camera: Option<Camera>,
+    selector: String,
+    open: Opener,
+    camera: Option<Box<dyn Device>>,
     retry_in: Duration,
+    first_retry: Duration,
+    longest_retry: Duration,
 }
 
 impl CameraSource {
@@ -67,17 +103,32 @@ impl CameraSource {
     /// Open the camera on this thread; if that fails, the source starts in its retry state
     /// (reported as unavailable until the camera comes back).
     pub fn connect(request: CameraRequest) -> Self {
-        let camera = match open_camera(&request) {
+        let selector = request.selector.clone();
+        let open: Opener =
+            Box::new(move || open_camera(&request).map(|c| Box::new(c) as Box<dyn Device>));
+        Self::with_opener(selector, open, FIRST_RETRY, LONGEST_RETRY)
+    }
+
+    fn with_opener(
+        selector: String,
+        mut open: Opener,
+        first_retry: Duration,
+        longest_retry: Duration,
+    ) -> Self {
+        let camera = match open() {
             Ok(c) => Some(c),
             Err(e) => {
-                log::warn!("camera {}: {e}; retrying", request.selector);
+                log::warn!("camera {selector}: {e}; retrying");
                 None
             }
         };
         Self {
-            request,
+            selector,
+            open,
             camera,
-            retry_in: Duration::from_secs(1),
+            retry_in: first_retry,
+            first_retry,
+            longest_retry,
         }
     }
 }
@@ -156,47 +207,37 @@ impl FrameSource for CameraSource {
         let Some(camera) = self.camera.as_mut() else {
             // Lost: wait, then try again with a growing pause.
             std::thread::sleep(self.retry_in);
-            return match open_camera(&self.request) {
+            return match (self.open)() {
                 Ok(c) => {
-                    log::info!("camera {} is back", self.request.selector);
+                    log::info!("camera {} is back", self.selector);
                     self.camera = Some(c);
-                    self.retry_in = Duration::from_secs(1);
+                    self.retry_in = self.first_retry;
                     Next::Skip("camera reopened".into())
                 }
                 Err(e) => {
-                    self.retry_in = (self.retry_in * 2).min(Duration::from_secs(30));
+                    self.retry_in = (self.retry_in * 2).min(self.longest_retry);
                     Next::Unavailable(format!("{e}; next try in {:?}", self.retry_in))
                 }
             };
         };
         let started = Instant::now();
-        match camera.frame() {
-            Ok(buffer) => {
-                let res = buffer.resolution();
-                match to_rgb(
-                    buffer.source_frame_format(),
-                    res.width(),
-                    res.height(),
-                    buffer.buffer(),
-                ) {
-                    Ok(img) => Next::Frame(img, format!("camera {}", self.request.selector)),
-                    Err(e) => Next::Skip(e),
-                }
-            }
-            Err(e) => {
+        match camera.grab() {
+            Ok(img) => Next::Frame(img, format!("camera {}", self.selector)),
+            Err(Grab::Bad(e)) => Next::Skip(e),
+            Err(Grab::Lost(e)) => {
                 log::warn!(
                     "camera {} failed after {:?}: {e}; reopening",
-                    self.request.selector,
+                    self.selector,
                     started.elapsed()
                 );
                 self.camera = None;
-                Next::Unavailable(format!("camera {} lost: {e}", self.request.selector))
+                Next::Unavailable(format!("camera {} lost: {e}", self.selector))
             }
         }
     }
 
     fn describe(&self) -> String {
-        format!("camera {}", self.request.selector)
+        format!("camera {}", self.selector)
     }
 }
 
@@ -219,6 +260,79 @@ mod tests {
         assert!(to_rgb(FrameFormat::RAWRGB, 2, 2, &[1, 2, 3]).is_err());
         assert!(to_rgb(FrameFormat::MJPEG, 2, 2, b"not a jpeg").is_err());
         assert!(to_rgb(FrameFormat::GRAY, 1, 1, &[1]).is_err());
+    }
+
+    /// A device that gives `frames` images (the last one undecodable if `bad_last`), then fails.
+    struct Scripted {
+        frames: usize,
+        bad_last: bool,
+    }
+
+    impl Device for Scripted {
+        fn grab(&mut self) -> Result<RgbImage, Grab> {
+            match self.frames {
+                0 => Err(Grab::Lost("device unplugged".into())),
+                1 if self.bad_last => {
+                    self.frames = 0;
+                    Err(Grab::Bad("corrupt frame".into()))
+                }
+                _ => {
+                    self.frames -= 1;
+                    Ok(RgbImage::new(4, 4))
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_lost_camera_is_reported_retried_with_growing_pauses_and_resumed() {
+        // Open attempts: 1 works, 2-4 fail (camera gone), 5 works again.
+        let mut attempt = 0;
+        let open: Opener = Box::new(move || {
+            attempt += 1;
+            match attempt {
+                1 | 5 => Ok(Box::new(Scripted {
+                    frames: 3,
+                    bad_last: attempt == 1,
+                }) as Box<dyn Device>),
+                _ => Err(format!("no /dev/video0 (attempt {attempt})")),
+            }
+        });
+        let mut cam = CameraSource::with_opener(
+            "0".into(),
+            open,
+            Duration::from_millis(1),
+            Duration::from_millis(4),
+        );
+        let mut kinds = Vec::new();
+        let mut pauses = Vec::new();
+        for _ in 0..10 {
+            let next = cam.next();
+            kinds.push(match &next {
+                Next::Frame(..) => "frame",
+                Next::Skip(_) => "skip",
+                Next::Unavailable(_) => "unavailable",
+                Next::End => "end",
+            });
+            pauses.push(cam.retry_in.as_millis());
+        }
+        assert_eq!(
+            kinds,
+            [
+                "frame",       // device 1
+                "frame",       //
+                "skip",        // its corrupt frame: skipped, the camera stays
+                "unavailable", // unplugged
+                "unavailable", // attempt 2 fails
+                "unavailable", // attempt 3 fails
+                "unavailable", // attempt 4 fails
+                "skip",        // attempt 5: reopened
+                "frame",       // and streaming again
+                "frame",
+            ]
+        );
+        // The pause doubles per failed attempt up to the cap, and resets once it is back.
+        assert_eq!(&pauses[3..8], &[1, 2, 4, 4, 1]);
     }
 
     #[test]

@@ -363,4 +363,53 @@ mod tests {
         assert!(t.join().unwrap());
         assert!(started.elapsed() < Duration::from_secs(4));
     }
+
+    /// 3 frames, then "unavailable" until `back` is set, then frames again.
+    struct Flaky {
+        given: u64,
+        back: Arc<AtomicBool>,
+    }
+
+    impl FrameSource for Flaky {
+        fn next(&mut self) -> Next {
+            if self.given >= 3 && !self.back.load(Ordering::SeqCst) {
+                return Next::Unavailable("unplugged".into());
+            }
+            self.given += 1;
+            Next::Frame(RgbImage::new(2, 2), "flaky".into())
+        }
+        fn describe(&self) -> String {
+            "flaky".into()
+        }
+    }
+
+    fn wait_for(what: &str, cond: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn capture_reports_a_lost_source_and_resumes_when_it_returns() {
+        let back = Arc::new(AtomicBool::new(false));
+        let slot = LatestFrame::new();
+        let mut capture = Capture::spawn(
+            SourceBuilder::ready(Flaky {
+                given: 0,
+                back: back.clone(),
+            }),
+            200.0,
+            slot.clone(),
+        );
+        wait_for("3 frames", || slot.captured() == 3);
+        wait_for("the source to be reported down", || !slot.source_up());
+        assert_eq!(slot.captured(), 3, "no frames while it is down");
+        back.store(true, Ordering::SeqCst);
+        wait_for("frames again", || slot.captured() > 3);
+        assert!(slot.source_up());
+        capture.stop();
+        assert!(slot.is_closed());
+    }
 }
