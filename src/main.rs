@@ -64,6 +64,19 @@ enum Command {
     },
     /// List the cameras this machine offers (index, name, description).
     Cameras,
+    /// Quantise a GGUF LLM with llama.cpp's quantiser (e.g. a converted bundle's llm.gguf).
+    Quantize {
+        /// The GGUF to read (usually f16 or f32, as the converter writes it).
+        input: PathBuf,
+        /// The GGUF to write (replaced if it exists).
+        output: PathBuf,
+        /// q4_k_m, q5_k_m, q8_0, q6_k, q4_0, f16, … (llama.cpp's names).
+        #[arg(long = "type")]
+        qtype: posegpt_edge::llm::QuantType,
+        /// Threads (0 = all cores).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
     /// Validate a bundle and print its facts; with a sample image, the pose-token confidence.
     Check {
         #[command(flatten)]
@@ -237,6 +250,44 @@ fn run(cli: Cli) -> Result<()> {
             let mut pg = model.load(options)?;
             let reply = pg.ask(&question, img.as_ref(), None)?;
             println!("{}", serde_json::to_string_pretty(&reply)?);
+        }
+        Command::Quantize {
+            input,
+            output,
+            qtype,
+            threads,
+        } => {
+            log::info!(
+                "quantising {} to {qtype} -> {}",
+                input.display(),
+                output.display()
+            );
+            let mut shown = 0;
+            let report = posegpt_edge::llm::quantize(
+                &input,
+                &output,
+                qtype,
+                threads,
+                move |done, total| {
+                    // A progress line about every 10 %, and the last tensor.
+                    let step = (done * 10) / total.max(1);
+                    if step > shown || done == total {
+                        shown = step;
+                        log::info!("quantising: {done}/{total} tensors");
+                    }
+                },
+            )?;
+            let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+            println!(
+                "{} ({:.2} MiB) -> {} ({:.2} MiB, {qtype}): {:.1} % of the input, {} tensors in {:.1} s",
+                input.display(),
+                mib(report.input_bytes),
+                output.display(),
+                mib(report.output_bytes),
+                100.0 * report.output_bytes as f64 / report.input_bytes.max(1) as f64,
+                report.tensors,
+                report.seconds
+            );
         }
         Command::Cameras => match posegpt_edge::frame::list_cameras() {
             Ok(cams) if cams.is_empty() => {

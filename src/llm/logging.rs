@@ -15,6 +15,9 @@ static BUFFER: Mutex<LineBuffer> = Mutex::new(LineBuffer {
     text: String::new(),
 });
 static LAST_ERROR: Mutex<String> = Mutex::new(String::new());
+/// Extra receiver of every whole line (e.g. quantisation progress), while one is installed.
+type Observer = Box<dyn FnMut(&str) + Send>;
+static OBSERVER: Mutex<Option<Observer>> = Mutex::new(None);
 static INIT: Once = Once::new();
 
 /// Initialise llama.cpp's backends once per process and route its logging to `log`.
@@ -34,6 +37,22 @@ pub(crate) fn init_backend() {
 pub(crate) fn take_last_error() -> Option<String> {
     let mut last = LAST_ERROR.lock().unwrap_or_else(|e| e.into_inner());
     (!last.is_empty()).then(|| std::mem::take(&mut *last))
+}
+
+/// Run `f` with `observer` receiving every line llama.cpp logs meanwhile (any level).
+pub(crate) fn observe_lines<R>(observer: Observer, f: impl FnOnce() -> R) -> R {
+    *OBSERVER.lock().unwrap_or_else(|e| e.into_inner()) = Some(observer);
+    let result = f();
+    // Flush a last line still in the buffer to the observer before removing it.
+    let pending = {
+        let mut buf = BUFFER.lock().unwrap_or_else(|e| e.into_inner());
+        (!buf.text.is_empty()).then(|| (buf.level, std::mem::take(&mut buf.text)))
+    };
+    if let Some((level, line)) = pending {
+        emit(level, &line);
+    }
+    *OBSERVER.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    result
 }
 
 /// Forget any earlier error line, so a later failure does not report a stale one.
@@ -68,6 +87,9 @@ fn emit(level: sys::ggml_log_level, line: &str) {
     let line = line.trim_end();
     if line.is_empty() {
         return;
+    }
+    if let Some(observer) = OBSERVER.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        observer(line);
     }
     match level {
         sys::GGML_LOG_LEVEL_ERROR => {

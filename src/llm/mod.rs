@@ -12,15 +12,18 @@
 //! * For the last position of a prompt, and for every generated token, the logits and — when
 //!   asked — the final-norm hidden state of the same decode, which is what the pose head reads.
 //! * [`Sampler`] — llama.cpp's own samplers: greedy, or temperature / top-k / top-p with a seed.
+//! * [`quantize`] — llama.cpp's GGUF quantiser (q8_0, q4_k_m, …) with per-tensor progress.
 //!
 //! llama.cpp's log lines are forwarded to the `log` crate under the target `llama.cpp`.
 
 mod logging;
 mod model;
+mod quantize;
 mod sampler;
 mod session;
 
 pub use model::{Model, ModelParams, Token};
+pub use quantize::{quantize, QuantType, QuantizeError, QuantizeReport};
 pub use sampler::{Sampler, Sampling};
 pub use session::{
     softmax_at as probability_of, Captured, GenerateParams, Generation, Segment, Session,

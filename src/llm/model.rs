@@ -326,7 +326,7 @@ impl std::fmt::Debug for Model {
     }
 }
 
-fn check_gguf_magic(path: &Path) -> Result<(), LlmError> {
+pub(crate) fn check_gguf_magic(path: &Path) -> Result<(), LlmError> {
     if !path.is_file() {
         return Err(LlmError::FileNotFound {
             path: path.to_path_buf(),
