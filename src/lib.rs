@@ -17,6 +17,7 @@
 //! * [`pose_head`] — hidden state → 24 × 6D → rotation matrices → axis-angle.
 //! * [`smpl`] — rotation conventions (and, later, the body model).
 
+pub mod bench;
 pub mod bundle;
 pub mod config;
 pub mod daemon;

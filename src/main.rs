@@ -64,6 +64,37 @@ enum Command {
     },
     /// List the cameras this machine offers (index, name, description).
     Cameras,
+    /// Time one pose() stage by stage (median, p99) and one ask() (tokens/s, time to first
+    /// token); also shows what the cached prompt prefix saves per frame.
+    Bench {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// A JPEG or PNG image (default: the first bundled sample frame).
+        #[arg(long)]
+        image: Option<PathBuf>,
+        #[arg(long, default_value_t = 50)]
+        iterations: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The LLM layer's prompt-processing and generation speed on any GGUF, in llama-bench's
+    /// terms (pp = random prompt of -p tokens, tg = -n tokens one by one).
+    BenchLlm {
+        #[arg(long)]
+        gguf: PathBuf,
+        #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
+        n_prompt: usize,
+        #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+        n_gen: usize,
+        /// Threads (0 = all cores).
+        #[arg(short = 't', long, default_value_t = 0)]
+        threads: usize,
+        #[arg(short = 'r', long, default_value_t = 5)]
+        repetitions: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Quantise a GGUF LLM with llama.cpp's quantiser (e.g. a converted bundle's llm.gguf).
     Quantize {
         /// The GGUF to read (usually f16 or f32, as the converter writes it).
@@ -288,6 +319,104 @@ fn run(cli: Cli) -> Result<()> {
                 report.tensors,
                 report.seconds
             );
+        }
+        Command::Bench {
+            model,
+            image,
+            iterations,
+            json,
+        } => {
+            let path = image
+                .or_else(|| first_sample(Path::new("models/samples")))
+                .context("no --image and no sample frame in models/samples")?;
+            let bytes = std::fs::read(&path)
+                .with_context(|| format!("cannot read image {}", path.display()))?;
+            let smpl = model.smpl_model()?;
+            let options = model.options(smpl.as_ref());
+            let threads = options.vision_threads;
+            let mut pg = model.load(options)?;
+            log::info!("bench: {iterations} frames warm, {iterations} cold, one answer");
+            let report = posegpt_edge::bench::pose_bench(
+                &mut pg,
+                &bytes,
+                iterations,
+                threads,
+                |done, total| {
+                    if done % 10 == 0 || done == total {
+                        log::info!("bench: {done}/{total}");
+                    }
+                },
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "pose() on {} ({} iterations, {} threads)",
+                    path.display(),
+                    report.iterations,
+                    report.threads
+                );
+                println!("{:<22}{:>12}{:>12}", "stage", "median ms", "p99 ms");
+                for s in &report.pose {
+                    println!("{:<22}{:>12.3}{:>12.3}", s.stage, s.median_ms, s.p99_ms);
+                }
+                println!(
+                    "{:<22}{:>12.3}{:>12.3}   (KV cache cleared each frame: whole prompt computed)",
+                    report.pose_cold_total.stage,
+                    report.pose_cold_total.median_ms,
+                    report.pose_cold_total.p99_ms
+                );
+                println!("cached prompt prefix speed-up: {:.2}x; time outside the two engines: {:.1} % of the frame", report.kv_reuse_speedup, report.overhead_share * 100.0);
+                let a = &report.ask;
+                println!(
+                    "ask(): {} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s, first token after {:.1} ms",
+                    a.prompt_tokens, a.prefill_tokens_per_s, a.generated_tokens, a.generation_tokens_per_s, a.time_to_first_token_ms
+                );
+            }
+        }
+        Command::BenchLlm {
+            gguf,
+            n_prompt,
+            n_gen,
+            threads,
+            repetitions,
+            json,
+        } => {
+            let threads = if threads > 0 {
+                threads
+            } else {
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            };
+            let r = posegpt_edge::bench::llm_bench(
+                &gguf,
+                n_prompt,
+                n_gen,
+                threads,
+                repetitions.max(1),
+                |what| {
+                    log::info!("bench-llm: {what}");
+                },
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!("| model | size | params | threads | test | t/s |");
+                println!("| --- | ---: | ---: | ---: | --- | ---: |");
+                let size = format!("{:.2} MiB", r.size_bytes as f64 / 1048576.0);
+                let params = format!("{:.2} M", r.params as f64 / 1e6);
+                if r.n_prompt > 0 {
+                    println!(
+                        "| {} | {size} | {params} | {} | pp{} | {:.2} |",
+                        r.model, r.threads, r.n_prompt, r.pp_tokens_per_s
+                    );
+                }
+                if r.n_gen > 0 {
+                    println!(
+                        "| {} | {size} | {params} | {} | tg{} | {:.2} |",
+                        r.model, r.threads, r.n_gen, r.tg_tokens_per_s
+                    );
+                }
+            }
         }
         Command::Cameras => match posegpt_edge::frame::list_cameras() {
             Ok(cams) if cams.is_empty() => {

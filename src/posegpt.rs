@@ -177,6 +177,11 @@ impl PoseGpt {
         &self.bundle
     }
 
+    /// The runtime settings this instance was loaded with.
+    pub fn options(&self) -> &RuntimeOptions {
+        &self.options
+    }
+
     /// The LLM session (its KV cache holds the last prompt).
     pub fn session_mut(&mut self) -> &mut Session {
         &mut self.session

@@ -206,3 +206,65 @@ fn daemon_refuses_an_unreadable_smpl_model_at_start() {
         "{err}"
     );
 }
+
+#[test]
+fn bench_reports_every_stage_and_bench_llm_reports_pp_and_tg() {
+    let v = json(&run(&[
+        "bench",
+        "--iterations",
+        "3",
+        "--threads",
+        "2",
+        "--json",
+    ]));
+    let stages: Vec<&str> = v["pose"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stage"].as_str().unwrap())
+        .collect();
+    for want in [
+        "image decode",
+        "preprocess",
+        "vision encoder",
+        "LLM prefill",
+        "pose head",
+        "joints (FK)",
+        "JSON encoding",
+        "frame total",
+    ] {
+        assert!(stages.contains(&want), "{want} missing from {stages:?}");
+    }
+    for s in v["pose"].as_array().unwrap() {
+        let (m, p) = (
+            s["median_ms"].as_f64().unwrap(),
+            s["p99_ms"].as_f64().unwrap(),
+        );
+        assert!(m >= 0.0 && p >= m, "{s}");
+    }
+    assert!(v["pose_cold_total"]["median_ms"].as_f64().unwrap() > 0.0);
+    assert!(v["ask"]["generated_tokens"].as_u64().unwrap() > 0);
+    assert!(v["ask"]["generation_tokens_per_s"].as_f64().unwrap() > 0.0);
+
+    let v = json(&run(&[
+        "bench-llm",
+        "--gguf",
+        "models/test-tiny/llm.gguf",
+        "-p",
+        "32",
+        "-n",
+        "8",
+        "-t",
+        "2",
+        "-r",
+        "2",
+        "--json",
+    ]));
+    assert_eq!(v["pp_runs"].as_array().unwrap().len(), 2);
+    assert_eq!(v["tg_runs"].as_array().unwrap().len(), 2);
+    assert!(v["pp_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["tg_tokens_per_s"].as_f64().unwrap() > 0.0);
+    let out = run(&["bench-llm", "--gguf", "README.md"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a GGUF"));
+}
