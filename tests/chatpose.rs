@@ -8,8 +8,7 @@
 mod common;
 
 use common::{floats, max_abs_diff, root};
-use posegpt_edge::llm::SessionParams;
-use posegpt_edge::posegpt::{PoseGpt, RuntimeOptions};
+use posegpt_edge::posegpt::PoseGpt;
 use posegpt_edge::vision::load_image;
 use serde_json::Value;
 
@@ -20,19 +19,7 @@ fn expected() -> Value {
 }
 
 fn load() -> PoseGpt {
-    PoseGpt::load(
-        &root().join("models/test-chatpose-tiny"),
-        RuntimeOptions {
-            session: SessionParams {
-                exact: true,
-                n_threads: 2,
-                n_threads_batch: 2,
-                ..SessionParams::default()
-            },
-            ..RuntimeOptions::default()
-        },
-    )
-    .expect("load models/test-chatpose-tiny")
+    common::load_exact(&root().join("models/test-chatpose-tiny"), 256)
 }
 
 fn ids(v: &Value) -> Vec<i32> {

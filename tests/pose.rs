@@ -6,26 +6,12 @@
 mod common;
 
 use common::{expected, floats, ids, max_abs_diff, root};
-use posegpt_edge::llm::SessionParams;
 use posegpt_edge::posegpt::{PoseGpt, RuntimeOptions, POSE_MARKER};
 use posegpt_edge::vision::{load_image, preprocess, to_square, ImageSpec, ResizeMode};
 use serde_json::Value;
 
 fn exact() -> PoseGpt {
-    PoseGpt::load(
-        &root().join("models/test-tiny"),
-        RuntimeOptions {
-            session: SessionParams {
-                exact: true,
-                n_threads: 2,
-                n_threads_batch: 2,
-                ..SessionParams::default()
-            },
-            max_tokens: 24,
-            ..RuntimeOptions::default()
-        },
-    )
-    .expect("load test-tiny")
+    common::load_exact(&root().join("models/test-tiny"), 24)
 }
 
 fn spec_with(pg: &PoseGpt, mode: ResizeMode) -> ImageSpec {

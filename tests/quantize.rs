@@ -4,8 +4,7 @@
 mod common;
 
 use common::root;
-use posegpt_edge::llm::{quantize, QuantType, QuantizeError, SessionParams};
-use posegpt_edge::posegpt::{PoseGpt, RuntimeOptions};
+use posegpt_edge::llm::{quantize, QuantType, QuantizeError};
 use posegpt_edge::smpl::metrics::mean_body_angle_error_deg;
 use posegpt_edge::smpl::model::as_joint_rotations;
 use posegpt_edge::vision::load_image;
@@ -55,19 +54,7 @@ fn rel(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn pose_rotations(bundle: &Path, image: &str) -> (Out, String) {
-    let mut pg = PoseGpt::load(
-        bundle,
-        RuntimeOptions {
-            session: SessionParams {
-                exact: true,
-                n_threads: 2,
-                n_threads_batch: 2,
-                ..SessionParams::default()
-            },
-            ..RuntimeOptions::default()
-        },
-    )
-    .unwrap();
+    let mut pg = common::load_exact(bundle, 256);
     let quant = pg.bundle().facts().llm_description;
     let img = load_image(&root().join("models/samples").join(image)).unwrap();
     let p = pg.pose(&img).unwrap().pose;

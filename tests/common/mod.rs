@@ -10,6 +10,27 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A bundle loaded in exact mode (flash attention off, F32 KV cache) on 2 threads, as the
+/// parity tests compare it with float references.
+pub fn load_exact(bundle: &std::path::Path, max_tokens: usize) -> posegpt_edge::posegpt::PoseGpt {
+    use posegpt_edge::llm::SessionParams;
+    use posegpt_edge::posegpt::{PoseGpt, RuntimeOptions};
+    PoseGpt::load(
+        bundle,
+        RuntimeOptions {
+            session: SessionParams {
+                exact: true,
+                n_threads: 2,
+                n_threads_batch: 2,
+                ..SessionParams::default()
+            },
+            max_tokens,
+            ..RuntimeOptions::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("load {}: {e}", bundle.display()))
+}
+
 /// tests/fixtures/test-tiny-expected.json, written by scripts/reference.py.
 pub fn expected() -> &'static Value {
     static E: OnceLock<Value> = OnceLock::new();
