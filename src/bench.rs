@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use std::path::Path;
 use std::time::{Duration, Instant};
+use tract_onnx::prelude::tvec;
 
 /// Median and 99th percentile of one stage, milliseconds.
 #[derive(Debug, Clone, Serialize)]
@@ -270,5 +271,171 @@ pub fn llm_bench(
         tg_tokens_per_s: median(&tg_runs),
         pp_runs,
         tg_runs,
+    })
+}
+
+/// What `bench-vision` reports: one encoder ONNX file run by tract, as the product loads it.
+#[derive(Debug, Clone, Serialize)]
+pub struct VisionBench {
+    pub runner: String,
+    pub model: String,
+    pub threads: usize,
+    pub input_size: usize,
+    /// Output shape, `[tokens, width]`.
+    pub output: Vec<usize>,
+    pub load_s: f64,
+    pub runs_ms: Vec<f64>,
+    pub median_ms: f64,
+    /// Bytes of the file's initializers (the weights as stored).
+    pub weight_bytes: u64,
+    pub rss_before_load_bytes: u64,
+    pub rss_after_load_bytes: u64,
+    /// Peak resident memory of the whole process (VmHWM), load included.
+    pub peak_rss_bytes: u64,
+    /// With `profile`: time per kind of operator over one run, largest first.
+    pub profile: Vec<OpTime>,
+}
+
+/// Time spent in one kind of tract operator during one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct OpTime {
+    pub op: String,
+    pub nodes: usize,
+    pub ms: f64,
+    pub share: f64,
+}
+
+/// Run the plan once, timing every node; sum by operator name.
+fn profile_run(
+    plan: &std::sync::Arc<tract_onnx::prelude::TypedRunnableModel>,
+    input: &tract_onnx::prelude::Tensor,
+) -> Result<Vec<OpTime>> {
+    use std::collections::HashMap;
+    let mut by_op: HashMap<String, (std::collections::HashSet<usize>, f64)> = HashMap::new();
+    let mut state = plan.spawn()?;
+    state.run_plan_with_eval(
+        tvec![input.clone().into()],
+        |ctx, op_state, node, inputs| {
+            let t = Instant::now();
+            let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs);
+            let e = by_op.entry(node.op().name().to_string()).or_default();
+            e.0.insert(node.id);
+            e.1 += t.elapsed().as_secs_f64() * 1e3;
+            out
+        },
+    )?;
+    let total: f64 = by_op.values().map(|v| v.1).sum();
+    let mut ops: Vec<OpTime> = by_op
+        .into_iter()
+        .map(|(op, (nodes, ms))| OpTime {
+            op,
+            nodes: nodes.len(),
+            ms,
+            share: ms / total.max(1e-9),
+        })
+        .collect();
+    ops.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+    Ok(ops)
+}
+
+/// A field of /proc/self/status in bytes (0 where it cannot be read, e.g. not on Linux).
+pub fn proc_status_bytes(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Bytes of the initializers an ONNX file stores.
+fn onnx_weight_bytes(path: &Path) -> Result<u64> {
+    use tract_onnx::prelude::Framework;
+    let proto = tract_onnx::onnx()
+        .proto_model_for_path(path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let graph = proto.graph.context("the ONNX file has no graph")?;
+    Ok(graph
+        .initializer
+        .iter()
+        .map(|t| {
+            // ONNX TensorProto.DataType: element sizes of the types encoders use.
+            let size = match t.data_type {
+                1 | 6 | 12 => 4,      // float, int32, uint32
+                7 | 11 | 13 => 8,     // int64, double, uint64
+                10 | 16 | 4 | 5 => 2, // float16, bfloat16, uint16, int16
+                _ => 1,
+            };
+            t.dims.iter().product::<i64>().max(0) as u64 * size
+        })
+        .sum())
+}
+
+/// Time a vision encoder ONNX file (any `[1,3,S,S]` → `[tokens, width]` model) on random
+/// pixels: load time, per-run times after one warm-up, peak memory.
+pub fn vision_bench(
+    onnx: &Path,
+    threads: usize,
+    iterations: usize,
+    profile: bool,
+    mut progress: impl FnMut(&str),
+) -> Result<VisionBench> {
+    crate::set_tract_threads(threads);
+    let rss_before_load_bytes = proc_status_bytes("VmRSS");
+    let t = Instant::now();
+    let (plan, output) = crate::vision::load_plan(onnx, None)?;
+    let load_s = t.elapsed().as_secs_f64();
+    let rss_after_load_bytes = proc_status_bytes("VmRSS");
+    progress(&format!("loaded in {load_s:.1} s"));
+    let size = plan
+        .model()
+        .input_fact(0)?
+        .shape
+        .as_concrete()
+        .map_or(0, |d| d[3]);
+    // Deterministic pseudo-random pixels in about [-2, 2] (normalised-image range).
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let pixels: Vec<f32> = (0..3 * size * size)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+        })
+        .collect();
+    let input = tract_onnx::prelude::Tensor::from_shape(&[1, 3, size, size], &pixels)?;
+    let mut runs_ms = Vec::new();
+    for i in 0..=iterations {
+        let t = Instant::now();
+        plan.run(tvec![input.clone().into()])?;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        if i > 0 {
+            runs_ms.push(ms);
+            progress(&format!("run {i}/{iterations}: {ms:.1} ms"));
+        }
+    }
+    let peak_rss_bytes = proc_status_bytes("VmHWM");
+    let profile = if profile {
+        profile_run(&plan, &input)?
+    } else {
+        Vec::new()
+    };
+    let median_ms = stat("run", runs_ms.clone()).median_ms;
+    Ok(VisionBench {
+        runner: format!("posegpt-edge {} (tract)", env!("CARGO_PKG_VERSION")),
+        model: onnx.display().to_string(),
+        threads,
+        input_size: size,
+        output,
+        load_s,
+        runs_ms,
+        median_ms,
+        weight_bytes: onnx_weight_bytes(onnx)?,
+        rss_before_load_bytes,
+        rss_after_load_bytes,
+        peak_rss_bytes,
+        profile,
     })
 }

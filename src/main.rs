@@ -95,6 +95,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Time a vision encoder ONNX file ([1,3,S,S] pixels → [tokens, width]) as the daemon
+    /// loads it: load time, median run, peak memory against the weight bytes.
+    BenchVision {
+        #[arg(long)]
+        onnx: PathBuf,
+        /// Threads (0 = all cores).
+        #[arg(short = 't', long, default_value_t = 0)]
+        threads: usize,
+        #[arg(long, default_value_t = 5)]
+        iterations: usize,
+        /// Also time one run operator by operator (after the timed runs).
+        #[arg(long)]
+        profile: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Quantise a GGUF LLM with llama.cpp's quantiser (e.g. a converted bundle's llm.gguf).
     Quantize {
         /// The GGUF to read (usually f16 or f32, as the converter writes it).
@@ -414,6 +430,51 @@ fn run(cli: Cli) -> Result<()> {
                     println!(
                         "| {} | {size} | {params} | {} | tg{} | {:.2} |",
                         r.model, r.threads, r.n_gen, r.tg_tokens_per_s
+                    );
+                }
+            }
+        }
+        Command::BenchVision {
+            onnx,
+            threads,
+            iterations,
+            profile,
+            json,
+        } => {
+            let threads = if threads > 0 {
+                threads
+            } else {
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            };
+            let r = posegpt_edge::bench::vision_bench(
+                &onnx,
+                threads,
+                iterations.max(1),
+                profile,
+                |what| {
+                    log::info!("bench-vision: {what}");
+                },
+            )?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                let mb = |b: u64| b as f64 / 1e6;
+                println!(
+                    "{}: input {}x{}, output {:?}, {} threads: median {:.1} ms over {} runs (load {:.1} s)",
+                    r.model, r.input_size, r.input_size, r.output, r.threads, r.median_ms, r.runs_ms.len(), r.load_s
+                );
+                println!(
+                    "memory: weights {:.0} MB, peak RSS {:.0} MB ({:.2}x the weights), after load {:.0} MB, before {:.0} MB",
+                    mb(r.weight_bytes), mb(r.peak_rss_bytes), r.peak_rss_bytes as f64 / r.weight_bytes.max(1) as f64,
+                    mb(r.rss_after_load_bytes), mb(r.rss_before_load_bytes)
+                );
+                for op in &r.profile {
+                    println!(
+                        "  {:<28} {:>4} nodes {:>9.1} ms {:>5.1} %",
+                        op.op,
+                        op.nodes,
+                        op.ms,
+                        op.share * 100.0
                     );
                 }
             }

@@ -250,6 +250,73 @@ pub fn resize_bicubic(img: &RgbImage, width: u32, height: u32) -> RgbImage {
     out
 }
 
+/// Read, optimise and prepare an encoder ONNX file for a `[1,3,size,size]` input (`None`: the
+/// size the file declares). Returns the runnable plan and the output shape.
+pub fn load_plan(
+    path: &Path,
+    size: Option<usize>,
+) -> Result<(std::sync::Arc<TypedRunnableModel>, Vec<usize>), VisionError> {
+    crate::llm::heap::loading_weights(|| load_plan_inner(path, size))
+}
+
+fn load_plan_inner(
+    path: &Path,
+    size: Option<usize>,
+) -> Result<(std::sync::Arc<TypedRunnableModel>, Vec<usize>), VisionError> {
+    let err = |reason: String| VisionError::Model {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let model = tract_onnx::onnx().model_for_path(path).map_err(|e| {
+        let e = format!("{e:#}");
+        let hint = if e.contains("external data") {
+            "; its weights live in a separate file named in the message: keep it next to the .onnx"
+        } else {
+            ""
+        };
+        err(format!("cannot read it as ONNX: {e}{hint}"))
+    })?;
+    let s = match size {
+        Some(s) => s,
+        None => {
+            let fact = model
+                .input_fact(0)
+                .map_err(|e| err(format!("no input: {e:#}")))?;
+            use tract_onnx::tract_hir::infer::Factoid;
+            let dims: Option<Vec<usize>> = fact
+                .shape
+                .dims()
+                .map(|d| d.concretize()?.as_i64().map(|v| v as usize))
+                .collect();
+            match dims.as_deref() {
+                Some([1, 3, h, w]) if h == w => *h,
+                _ => return Err(err(format!("its input is {fact:?}, not a fixed [1,3,S,S]"))),
+            }
+        }
+    };
+    let model = model
+        .with_input_fact(0, f32::fact([1, 3, s, s]).into())
+        .map_err(|e| err(format!("cannot set its input to [1,3,{s},{s}]: {e:#}")))?
+        .into_optimized()
+        .map_err(|e| {
+            err(format!(
+                "cannot optimise it for a [1,3,{s},{s}] input: {e:#}"
+            ))
+        })?;
+    let out_fact = model
+        .output_fact(0)
+        .map_err(|e| err(format!("no output: {e:#}")))?;
+    let got: Vec<usize> = out_fact
+        .shape
+        .as_concrete()
+        .map(|d| d.to_vec())
+        .unwrap_or_default();
+    let plan = model
+        .into_runnable()
+        .map_err(|e| err(format!("cannot prepare it to run: {e:#}")))?;
+    Ok((plan, got))
+}
+
 /// The vision tower + projector: normalised pixels `[1,3,S,S]` → image embeddings `[N, n_embd]`.
 pub struct VisionEncoder {
     plan: std::sync::Arc<TypedRunnableModel>,
@@ -262,30 +329,7 @@ impl VisionEncoder {
     /// Load and optimise the ONNX model for a fixed input size, and check that its output is
     /// `[tokens, n_embd]`.
     pub fn load(path: &Path, spec: &ImageSpec, n_embd: usize) -> Result<Self, VisionError> {
-        let err = |reason: String| VisionError::Model {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let s = spec.size as usize;
-        let model = tract_onnx::onnx()
-            .model_for_path(path)
-            .map_err(|e| err(format!("cannot read it as ONNX: {e:#}")))?
-            .with_input_fact(0, f32::fact([1, 3, s, s]).into())
-            .map_err(|e| err(format!("cannot set its input to [1,3,{s},{s}]: {e:#}")))?
-            .into_optimized()
-            .map_err(|e| {
-                err(format!(
-                    "cannot optimise it for a [1,3,{s},{s}] input: {e:#}"
-                ))
-            })?;
-        let out_fact = model
-            .output_fact(0)
-            .map_err(|e| err(format!("no output: {e:#}")))?;
-        let got: Vec<usize> = out_fact
-            .shape
-            .as_concrete()
-            .map(|d| d.to_vec())
-            .unwrap_or_default();
+        let (plan, got) = load_plan(path, Some(spec.size as usize))?;
         if got.len() != 2 || got[1] != n_embd {
             return Err(VisionError::OutputShape {
                 path: path.to_path_buf(),
@@ -293,9 +337,6 @@ impl VisionEncoder {
                 n_embd,
             });
         }
-        let plan = model
-            .into_runnable()
-            .map_err(|e| err(format!("cannot prepare it to run: {e:#}")))?;
         Ok(Self {
             plan,
             spec: spec.clone(),

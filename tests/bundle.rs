@@ -189,3 +189,46 @@ fn models_that_do_not_fit_the_llm() {
     edit_manifest(dir.path(), "tokens = 16", "tokens = 576");
     assert_names(&load_err(dir.path()), &["vision.onnx", "576", "16"]);
 }
+
+/// Large encoders keep their weights in `vision.onnx.data` (scripts/convert_chatpose.py).
+/// tests/fixtures/external-data holds models/test-tiny's encoder saved that way by the onnx
+/// package: in a bundle it must compute exactly what the one-file encoder computes, and a
+/// missing weights file must be named.
+#[test]
+fn an_encoder_with_its_weights_in_a_separate_file() {
+    let reference = load(&root().join("models/test-tiny")).unwrap();
+    let dir = copy_bundle();
+    for f in ["vision.onnx", "vision.onnx.data"] {
+        std::fs::copy(
+            root().join("tests/fixtures/external-data").join(f),
+            dir.path().join(f),
+        )
+        .unwrap();
+    }
+    // The fixture really is the split form: its .onnx alone is far smaller than the weights.
+    let onnx_len = std::fs::metadata(dir.path().join("vision.onnx"))
+        .unwrap()
+        .len();
+    let data_len = std::fs::metadata(dir.path().join("vision.onnx.data"))
+        .unwrap()
+        .len();
+    assert!(data_len > 10 * onnx_len, "{onnx_len} vs {data_len}");
+    let split = load(dir.path()).unwrap();
+    let img =
+        posegpt_edge::vision::load_image(&root().join("tests/fixtures/images/noise-57x120.png"))
+            .unwrap();
+    assert_eq!(
+        reference.vision.encode(&img).unwrap(),
+        split.vision.encode(&img).unwrap()
+    );
+
+    std::fs::remove_file(dir.path().join("vision.onnx.data")).unwrap();
+    assert_names(
+        &load_err(dir.path()),
+        &[
+            "vision.onnx",
+            "vision.onnx.data",
+            "keep it next to the .onnx",
+        ],
+    );
+}

@@ -268,3 +268,44 @@ fn bench_reports_every_stage_and_bench_llm_reports_pp_and_tg() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a GGUF"));
 }
+
+#[test]
+fn bench_vision_reports_time_memory_and_a_profile() {
+    let onnx = "models/test-tiny/vision.onnx";
+    let v = json(&run(&[
+        "bench-vision",
+        "--onnx",
+        onnx,
+        "--iterations",
+        "2",
+        "-t",
+        "2",
+        "--profile",
+        "--json",
+    ]));
+    // The tiny encoder: 64-wide embeddings, as its LLM's n_embd.
+    let output = v["output"].as_array().unwrap();
+    assert_eq!(output.len(), 2);
+    assert_eq!(output[1].as_u64(), Some(64));
+    assert_eq!(v["runs_ms"].as_array().unwrap().len(), 2);
+    assert!(v["median_ms"].as_f64().unwrap() > 0.0);
+    // Weights are most of the file, never more than it.
+    let file = std::fs::metadata(root().join(onnx)).unwrap().len();
+    let weights = v["weight_bytes"].as_u64().unwrap();
+    assert!(weights <= file && weights > file / 2, "{weights} of {file}");
+    let (after, peak) = (
+        v["rss_after_load_bytes"].as_u64().unwrap(),
+        v["peak_rss_bytes"].as_u64().unwrap(),
+    );
+    assert!(after > 0 && peak >= after, "{after} {peak}");
+    let profile = v["profile"].as_array().unwrap();
+    let share: f64 = profile.iter().map(|o| o["share"].as_f64().unwrap()).sum();
+    assert!((share - 1.0).abs() < 1e-6, "{share}");
+    assert!(profile
+        .iter()
+        .any(|o| o["op"].as_str().unwrap().contains("MatMul")));
+
+    let out = run(&["bench-vision", "--onnx", "README.md"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("README.md"));
+}

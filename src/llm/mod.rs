@@ -13,9 +13,12 @@
 //!   asked — the final-norm hidden state of the same decode, which is what the pose head reads.
 //! * [`Sampler`] — llama.cpp's own samplers: greedy, or temperature / top-k / top-p with a seed.
 //! * [`quantize`] — llama.cpp's GGUF quantiser (q8_0, q4_k_m, …) with per-tensor progress.
+//! * [`heap::loading_weights`] — the one allocator setting made while model weights load
+//!   (glibc's mmap threshold), which keeps the peak memory of loading near the weight bytes.
 //!
 //! llama.cpp's log lines are forwarded to the `log` crate under the target `llama.cpp`.
 
+pub mod heap;
 mod logging;
 mod model;
 mod quantize;

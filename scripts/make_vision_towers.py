@@ -1,0 +1,71 @@
+#!/usr/bin/env python3
+"""Export LLaVA-style vision encoders with random weights, for benchmarking only.
+
+Each is a CLIP vision tower at its published size, read at select layer -2 (patch tokens, no
+class token) and followed by the 2-layer GELU projector to a 4096-wide LLM, exported to ONNX
+as scripts/convert_chatpose.py exports a real one (opset 17, eager attention, input
+[1,3,S,S] "pixels", output [tokens, 4096] "image_embeddings", weights in NAME.onnx.data). The weights are random (seeded),
+so the files measure speed and memory, never accuracy.
+
+    python scripts/make_vision_towers.py OUT_DIR [--towers vit-b16-224,vit-l14-336]
+
+Requirements: scripts/requirements-bench.txt.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+# name: (hidden, layers, heads, mlp, image size, patch) — the published CLIP ViT shapes.
+TOWERS = {
+    "vit-b16-224": (768, 12, 12, 3072, 224, 16),
+    "vit-l14-336": (1024, 24, 16, 4096, 336, 14),
+}
+LLM_WIDTH = 4096  # LLaMA-7B/Vicuna-7B hidden size, as in LLaVA-1.5-7B
+SELECT_LAYER = -2
+
+
+def export(name: str, out: Path) -> Path:
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from convert_chatpose import VisionEncoder, save_weights_beside
+
+    hidden, layers, heads, mlp, size, patch = TOWERS[name]
+    torch.manual_seed(20261125)
+    cfg = CLIPVisionConfig(hidden_size=hidden, num_hidden_layers=layers,
+                           num_attention_heads=heads, intermediate_size=mlp, image_size=size,
+                           patch_size=patch, hidden_act="quick_gelu",
+                           attn_implementation="eager")
+    tower = CLIPVisionModel(cfg).eval()
+    projector = torch.nn.Sequential(torch.nn.Linear(hidden, LLM_WIDTH), torch.nn.GELU(),
+                                    torch.nn.Linear(LLM_WIDTH, LLM_WIDTH)).eval()
+    encoder = VisionEncoder(tower, projector, SELECT_LAYER)
+    path = out / f"{name}.onnx"
+    dummy = torch.zeros(1, 3, size, size)
+    with torch.no_grad():
+        tokens = encoder(dummy).shape[0]
+        torch.onnx.export(encoder, (dummy,), str(path), input_names=["pixels"],
+                          output_names=["image_embeddings"], opset_version=17, dynamo=False)
+    save_weights_beside(path)
+    n_params = sum(p.numel() for p in encoder.parameters())
+    print(f"{path}: {n_params / 1e6:.1f} M parameters, {n_params * 4 / 1e6:.0f} MB f32, "
+          f"input {size}x{size}, {tokens} tokens x {LLM_WIDTH}")
+    return path
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--towers", default=",".join(TOWERS),
+                    help=f"comma-separated, from {', '.join(TOWERS)}")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in args.towers.split(","):
+        if name not in TOWERS:
+            sys.exit(f"unknown tower {name!r}; choose from {', '.join(TOWERS)}")
+        export(name, args.out)
+
+
+if __name__ == "__main__":
+    main()
