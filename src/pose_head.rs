@@ -64,7 +64,7 @@ impl SmplPose {
 
 /// The pose head model.
 pub struct PoseHead {
-    plan: std::sync::Arc<TypedRunnableModel>,
+    runner: crate::vision::TractRunner,
     input_shape: Vec<usize>,
 }
 
@@ -119,7 +119,10 @@ impl PoseHead {
         let plan = model
             .into_runnable()
             .map_err(|e| err(format!("cannot prepare it to run: {e:#}")))?;
-        Ok(Self { plan, input_shape })
+        Ok(Self {
+            runner: crate::vision::TractRunner::new(plan),
+            input_shape,
+        })
     }
 
     /// Run the head on one hidden state: the raw 144 outputs.
@@ -127,7 +130,7 @@ impl PoseHead {
         let input = Tensor::from_shape(&self.input_shape, hidden)
             .map_err(|e| PoseHeadError::Run(format!("hidden state: {e:#}")))?;
         let out = self
-            .plan
+            .runner
             .run(tvec!(input.into()))
             .map_err(|e| PoseHeadError::Run(format!("{e:#}")))?;
         let view = out[0]

@@ -21,7 +21,7 @@ use crate::llm::{GenerateParams, LlmError, Sampling, Segment, Session, SessionPa
 use crate::pose_head::{PoseHeadError, SmplPose, HEAD_OUTPUTS};
 use crate::smpl::model::as_joint_rotations;
 use crate::smpl::{Skeleton, Vec3};
-use crate::vision::{preprocess, RgbImage, VisionError};
+use crate::vision::{RgbImage, VisionError};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::path::Path;
@@ -219,7 +219,7 @@ impl PoseGpt {
     /// The per-frame fast path: image → pose (see the module docs).
     pub fn pose(&mut self, img: &RgbImage) -> Result<FramePose, PoseGptError> {
         let t0 = Instant::now();
-        let pixels = preprocess(img, self.bundle.vision.spec());
+        let pixels = self.bundle.vision.preprocess(img);
         let t1 = Instant::now();
         let embeddings = self.bundle.vision.encode_pixels(&pixels)?;
         let t2 = Instant::now();
@@ -294,7 +294,7 @@ impl PoseGpt {
         // A marker typed by the user must not split the prompt.
         let question = question.replace(&self.bundle.manifest.prompt.image_marker, "");
         let t0 = Instant::now();
-        let pixels = image.map(|img| preprocess(img, self.bundle.vision.spec()));
+        let pixels = image.map(|img| self.bundle.vision.preprocess(img));
         let t1 = Instant::now();
         let image = match pixels {
             Some(px) => Some(Arc::new(self.bundle.vision.encode_pixels(&px)?)),

@@ -100,40 +100,216 @@ pub fn load_image(path: &Path) -> Result<RgbImage, VisionError> {
 /// Bring an image to the encoder's input: resize/crop or pad per `spec`, scale to [0,1],
 /// normalise. Returns planar CHW floats, `3 * size * size` of them.
 pub fn preprocess(img: &RgbImage, spec: &ImageSpec) -> Vec<f32> {
-    normalise(&to_square(img, spec), spec)
+    SquarePlan::new(img.dimensions(), spec).preprocess(img)
 }
 
 /// The 8-bit `size`×`size` image the encoder sees, before normalisation.
 pub fn to_square(img: &RgbImage, spec: &ImageSpec) -> RgbImage {
-    let size = spec.size;
-    match spec.mode {
-        ResizeMode::Crop => {
-            let (w, h) = img.dimensions();
-            let (short, long) = if w <= h { (w, h) } else { (h, w) };
-            // The CLIP processor's size rule: int(long * size / short), in floating point.
-            let new_long = ((long as f64) * (size as f64) / (short as f64)) as u32;
-            let (nw, nh) = if w <= h {
-                (size, new_long)
-            } else {
-                (new_long, size)
-            };
-            let resized = resize_bicubic(img, nw, nh);
-            let (left, top) = ((nw - size) / 2, (nh - size) / 2);
-            image::imageops::crop_imm(&resized, left, top, size, size).to_image()
+    SquarePlan::new(img.dimensions(), spec).square(img)
+}
+
+/// Everything about bringing images of one size to the encoder's square that does not depend
+/// on the pixels: filter windows and weights (computed once per frame size, since a camera
+/// keeps its size), and the crop window. Only the output pixels that survive the crop are
+/// computed, and only the rows the vertical pass reads go through the horizontal pass; every
+/// computed pixel goes through exactly the arithmetic of a full resize (the two passes are
+/// separable and each output depends on its own window only), so the result is the same.
+#[derive(Debug, Clone)]
+pub struct SquarePlan {
+    input: (u32, u32),
+    spec: ImageSpec,
+    /// Pad mode: side of the square canvas the image is pasted on.
+    canvas: Option<u32>,
+    /// Horizontal pass (None: width unchanged, columns copied from `col0`).
+    horizontal: Option<Axis>,
+    col0: usize,
+    vertical: Option<Axis>,
+    row0: usize,
+    /// Per channel: byte value → normalised float.
+    lut: [[f32; 256]; 3],
+}
+
+/// One pass's windows for the kept output indices, all `taps` long (zero weights pad the
+/// shorter ones, shifted so every window stays inside the input).
+#[derive(Debug, Clone)]
+struct Axis {
+    starts: Vec<usize>,
+    taps: usize,
+    weights: Vec<i32>,
+}
+
+impl Axis {
+    fn new(in_size: u32, out_size: u32, keep: std::ops::Range<u32>) -> Self {
+        let c = coeffs(in_size, out_size);
+        let windows = &c.windows[keep.start as usize..keep.end as usize];
+        let longest = windows.iter().map(|(_, k)| k.len()).max().unwrap_or(0);
+        // Padded up to a length the horizontal pass has an unrolled loop for, where the
+        // input is long enough.
+        let taps = match longest {
+            0..=4 => 4,
+            5..=6 => 6,
+            7..=8 => 8,
+            n => n,
         }
-        ResizeMode::Pad => {
-            let (w, h) = img.dimensions();
-            let side = w.max(h);
-            let fill = image::Rgb(spec.mean.map(|m| (m * 255.0) as u8));
-            let mut canvas = RgbImage::from_pixel(side, side, fill);
-            image::imageops::replace(
-                &mut canvas,
-                img,
-                ((side - w) / 2) as i64,
-                ((side - h) / 2) as i64,
-            );
-            resize_bicubic(&canvas, size, size)
+        .min(in_size as usize)
+        .max(longest);
+        let mut starts = Vec::with_capacity(windows.len());
+        let mut weights = vec![0i32; windows.len() * taps];
+        for (o, (xmin, k)) in windows.iter().enumerate() {
+            // Every window lies inside [0, in_size) and no window is longer than the input,
+            // so shifting the start left keeps the padded window inside too.
+            let start = (*xmin).min(in_size as usize - taps);
+            let shift = xmin - start;
+            weights[o * taps + shift..o * taps + shift + k.len()].copy_from_slice(k);
+            starts.push(start);
         }
+        Self {
+            starts,
+            taps,
+            weights,
+        }
+    }
+
+    /// Input indices the kept outputs read.
+    fn span(&self) -> std::ops::Range<usize> {
+        let lo = self.starts.iter().copied().min().unwrap_or(0);
+        let hi = self.starts.iter().map(|s| s + self.taps).max().unwrap_or(0);
+        lo..hi
+    }
+}
+
+impl SquarePlan {
+    pub fn new((w, h): (u32, u32), spec: &ImageSpec) -> Self {
+        let size = spec.size;
+        let (canvas, (nw, nh), (left, top)) = match spec.mode {
+            ResizeMode::Crop => {
+                let (short, long) = if w <= h { (w, h) } else { (h, w) };
+                // The CLIP processor's size rule: int(long * size / short), in floating point.
+                let new_long = ((long as f64) * (size as f64) / (short as f64)) as u32;
+                let (nw, nh) = if w <= h {
+                    (size, new_long)
+                } else {
+                    (new_long, size)
+                };
+                (None, (nw, nh), ((nw - size) / 2, (nh - size) / 2))
+            }
+            ResizeMode::Pad => (Some(w.max(h)), (size, size), (0, 0)),
+        };
+        let (iw, ih) = canvas.map_or((w, h), |side| (side, side));
+        let lut = std::array::from_fn(|c| {
+            std::array::from_fn(|v| (v as f32 / 255.0 - spec.mean[c]) / spec.std[c])
+        });
+        Self {
+            input: (w, h),
+            spec: spec.clone(),
+            canvas,
+            horizontal: (nw != iw).then(|| Axis::new(iw, nw, left..left + size)),
+            col0: left as usize,
+            vertical: (nh != ih).then(|| Axis::new(ih, nh, top..top + size)),
+            row0: top as usize,
+            lut,
+        }
+    }
+
+    /// The image size this plan was made for.
+    pub fn input(&self) -> (u32, u32) {
+        self.input
+    }
+
+    /// The square image, 8-bit.
+    pub fn square(&self, img: &RgbImage) -> RgbImage {
+        let size = self.spec.size;
+        RgbImage::from_raw(size, size, self.square_bytes(img)).expect("size*size*3 bytes")
+    }
+
+    /// Square, scaled and normalised: planar CHW floats.
+    pub fn preprocess(&self, img: &RgbImage) -> Vec<f32> {
+        let bytes = self.square_bytes(img);
+        let plane = (self.spec.size * self.spec.size) as usize;
+        let mut out = vec![0f32; 3 * plane];
+        let (r, rest) = out.split_at_mut(plane);
+        let (g, b) = rest.split_at_mut(plane);
+        for (i, px) in bytes.chunks_exact(3).enumerate() {
+            r[i] = self.lut[0][px[0] as usize];
+            g[i] = self.lut[1][px[1] as usize];
+            b[i] = self.lut[2][px[2] as usize];
+        }
+        out
+    }
+
+    fn square_bytes(&self, img: &RgbImage) -> Vec<u8> {
+        assert_eq!(
+            img.dimensions(),
+            self.input,
+            "image size differs from the plan's"
+        );
+        let padded;
+        let img = match self.canvas {
+            Some(side) => {
+                let (w, h) = img.dimensions();
+                let fill = image::Rgb(self.spec.mean.map(|m| (m * 255.0) as u8));
+                let mut canvas = RgbImage::from_pixel(side, side, fill);
+                image::imageops::replace(
+                    &mut canvas,
+                    img,
+                    ((side - w) / 2) as i64,
+                    ((side - h) / 2) as i64,
+                );
+                padded = canvas;
+                &padded
+            }
+            None => img,
+        };
+        let size = self.spec.size as usize;
+        let (w, h) = (img.width() as usize, img.height() as usize);
+        let src = img.as_raw();
+        // Rows the vertical pass reads (or the kept rows themselves when height is unchanged).
+        let rows = match &self.vertical {
+            Some(v) => v.span(),
+            None => self.row0..self.row0 + size,
+        };
+        // Horizontal pass over those rows only: `size` columns each.
+        let stride = size * 3;
+        let mut mid = vec![0u8; rows.len() * stride];
+        for (r, y) in rows.clone().enumerate() {
+            let row = &src[y * w * 3..(y + 1) * w * 3];
+            let dst = &mut mid[r * stride..(r + 1) * stride];
+            match &self.horizontal {
+                // Windows padded to 4, 6 or 8 taps (down to half size) get an unrolled loop.
+                Some(a) => match a.taps {
+                    4 => horizontal_row::<4>(a, row, dst),
+                    6 => horizontal_row::<6>(a, row, dst),
+                    8 => horizontal_row::<8>(a, row, dst),
+                    _ => horizontal_row_any(a, row, dst),
+                },
+                None => dst.copy_from_slice(&row[self.col0 * 3..(self.col0 + size) * 3]),
+            }
+        }
+        let Some(v) = &self.vertical else {
+            return mid;
+        };
+        debug_assert!(rows.end <= h);
+        // Vertical pass: whole rows at a time, so the inner loop runs along memory.
+        let mut out = vec![0u8; size * stride];
+        let mut acc = vec![0i32; stride];
+        for (yy, (&start, k)) in v
+            .starts
+            .iter()
+            .zip(v.weights.chunks_exact(v.taps))
+            .enumerate()
+        {
+            acc.fill(1 << (PRECISION_BITS - 1));
+            for (i, &kw) in k.iter().enumerate() {
+                let r = start + i - rows.start;
+                for (a, &p) in acc.iter_mut().zip(&mid[r * stride..(r + 1) * stride]) {
+                    *a += p as i32 * kw;
+                }
+            }
+            for (o, &a) in out[yy * stride..(yy + 1) * stride].iter_mut().zip(&acc) {
+                *o = clip8(a as i64);
+            }
+        }
+        out
     }
 }
 
@@ -317,9 +493,82 @@ fn load_plan_inner(
     Ok((plan, got))
 }
 
+/// One row of the horizontal pass for windows of exactly `N` taps: the tap loop has a fixed
+/// length, so it unrolls and needs no bounds checks.
+fn horizontal_row<const N: usize>(a: &Axis, row: &[u8], dst: &mut [u8]) {
+    for ((&start, k), out) in a
+        .starts
+        .iter()
+        .zip(a.weights.chunks_exact(N))
+        .zip(dst.chunks_exact_mut(3))
+    {
+        let win = &row[start * 3..][..N * 3];
+        let mut acc = [1i32 << (PRECISION_BITS - 1); 3];
+        for t in 0..N {
+            acc[0] += win[t * 3] as i32 * k[t];
+            acc[1] += win[t * 3 + 1] as i32 * k[t];
+            acc[2] += win[t * 3 + 2] as i32 * k[t];
+        }
+        for c in 0..3 {
+            out[c] = clip8(acc[c] as i64);
+        }
+    }
+}
+
+fn horizontal_row_any(a: &Axis, row: &[u8], dst: &mut [u8]) {
+    for (xx, (&start, k)) in a
+        .starts
+        .iter()
+        .zip(a.weights.chunks_exact(a.taps))
+        .enumerate()
+    {
+        let win = &row[start * 3..(start + a.taps) * 3];
+        let mut acc = [1i32 << (PRECISION_BITS - 1); 3];
+        for (px, &kw) in win.chunks_exact(3).zip(k) {
+            acc[0] += px[0] as i32 * kw;
+            acc[1] += px[1] as i32 * kw;
+            acc[2] += px[2] as i32 * kw;
+        }
+        for c in 0..3 {
+            dst[xx * 3 + c] = clip8(acc[c] as i64);
+        }
+    }
+}
+
+/// A tract plan with its run state kept between runs: spawning a fresh state per run (what
+/// `plan.run` does) costs more than the whole pose head on a small model. After a failed run
+/// the state is rebuilt, so a bad input cannot leave stale values behind.
+#[derive(Debug)]
+pub(crate) struct TractRunner {
+    plan: std::sync::Arc<TypedRunnableModel>,
+    state: std::sync::Mutex<Option<TypedSimpleState>>,
+}
+
+impl TractRunner {
+    pub(crate) fn new(plan: std::sync::Arc<TypedRunnableModel>) -> Self {
+        Self {
+            plan,
+            state: std::sync::Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn run(&self, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let mut slot = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = match slot.take() {
+            Some(state) => state,
+            None => self.plan.spawn()?,
+        };
+        let out = state.run(inputs)?;
+        *slot = Some(state);
+        Ok(out)
+    }
+}
+
 /// The vision tower + projector: normalised pixels `[1,3,S,S]` → image embeddings `[N, n_embd]`.
 pub struct VisionEncoder {
-    plan: std::sync::Arc<TypedRunnableModel>,
+    runner: TractRunner,
+    /// The preprocessing plan of the last frame size seen.
+    square_plan: std::sync::Mutex<Option<std::sync::Arc<SquarePlan>>>,
     spec: ImageSpec,
     n_tokens: usize,
     n_embd: usize,
@@ -338,7 +587,8 @@ impl VisionEncoder {
             });
         }
         Ok(Self {
-            plan,
+            runner: TractRunner::new(plan),
+            square_plan: std::sync::Mutex::new(None),
             spec: spec.clone(),
             n_tokens: got[0],
             n_embd,
@@ -360,7 +610,7 @@ impl VisionEncoder {
         let input = tract_ndarray::Array4::from_shape_vec((1, 3, s, s), pixels.to_vec())
             .map_err(|e| VisionError::Run(format!("pixel buffer: {e}")))?;
         let out = self
-            .plan
+            .runner
             .run(tvec!(Tensor::from(input).into()))
             .map_err(|e| VisionError::Run(format!("{e:#}")))?;
         let view = out[0]
@@ -371,9 +621,25 @@ impl VisionEncoder {
         Ok(data)
     }
 
+    /// [`preprocess`] with this encoder's spec, reusing the plan while frames keep their size.
+    pub fn preprocess(&self, img: &RgbImage) -> Vec<f32> {
+        let plan = {
+            let mut slot = self.square_plan.lock().unwrap_or_else(|p| p.into_inner());
+            match &*slot {
+                Some(plan) if plan.input() == img.dimensions() => plan.clone(),
+                _ => {
+                    let plan = std::sync::Arc::new(SquarePlan::new(img.dimensions(), &self.spec));
+                    *slot = Some(plan.clone());
+                    plan
+                }
+            }
+        };
+        plan.preprocess(img)
+    }
+
     /// Preprocess and encode an image.
     pub fn encode(&self, img: &RgbImage) -> Result<Vec<f32>, VisionError> {
-        self.encode_pixels(&preprocess(img, &self.spec))
+        self.encode_pixels(&self.preprocess(img))
     }
 }
 
@@ -389,6 +655,88 @@ mod tests {
                 ((x * 7 + y * 13) % 256) as u8,
             ])
         })
+    }
+
+    /// The straightforward form: resize the whole image (or padded canvas), then crop.
+    fn full_resize_then_crop(img: &RgbImage, spec: &ImageSpec) -> RgbImage {
+        let size = spec.size;
+        let (w, h) = img.dimensions();
+        match spec.mode {
+            ResizeMode::Crop => {
+                let (short, long) = if w <= h { (w, h) } else { (h, w) };
+                let new_long = ((long as f64) * (size as f64) / (short as f64)) as u32;
+                let (nw, nh) = if w <= h {
+                    (size, new_long)
+                } else {
+                    (new_long, size)
+                };
+                let resized = resize_bicubic(img, nw, nh);
+                image::imageops::crop_imm(&resized, (nw - size) / 2, (nh - size) / 2, size, size)
+                    .to_image()
+            }
+            ResizeMode::Pad => {
+                let side = w.max(h);
+                let fill = image::Rgb(spec.mean.map(|m| (m * 255.0) as u8));
+                let mut canvas = RgbImage::from_pixel(side, side, fill);
+                image::imageops::replace(
+                    &mut canvas,
+                    img,
+                    ((side - w) / 2) as i64,
+                    ((side - h) / 2) as i64,
+                );
+                resize_bicubic(&canvas, size, size)
+            }
+        }
+    }
+
+    #[test]
+    fn the_cropped_plan_computes_what_a_full_resize_then_crop_does() {
+        // Sizes around the square (passes skipped), up- and down-scaling, extreme aspect
+        // ratios, a 1-pixel-wide image; noisy pixels so every weight matters.
+        let mut seed = 7u32;
+        let mut noise = |w: u32, h: u32| {
+            RgbImage::from_fn(w, h, |_, _| {
+                let mut px = [0u8; 3];
+                for p in &mut px {
+                    seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+                    *p = (seed >> 24) as u8;
+                }
+                image::Rgb(px)
+            })
+        };
+        let sizes = [
+            (56, 56),
+            (56, 90),
+            (90, 56),
+            (60, 90),
+            (57, 120),
+            (301, 197),
+            (640, 480),
+            (33, 20),
+            (1, 40),
+            (40, 1),
+            (500, 56),
+            (7, 9),
+        ];
+        let mut checked = 0;
+        for &(w, h) in &sizes {
+            let img = noise(w, h);
+            for size in [16, 56, 224] {
+                for mode in [ResizeMode::Crop, ResizeMode::Pad] {
+                    let spec = ImageSpec {
+                        size,
+                        mean: [0.48, 0.46, 0.41],
+                        std: [0.27, 0.26, 0.28],
+                        mode,
+                    };
+                    let want = full_resize_then_crop(&img, &spec);
+                    assert_eq!(to_square(&img, &spec), want, "{w}x{h} -> {size} {mode:?}");
+                    assert_eq!(preprocess(&img, &spec), normalise(&want, &spec));
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, sizes.len() * 6);
     }
 
     #[test]
