@@ -4,6 +4,7 @@
 # with the folder source faster than the model so frames are dropped by the latest-frame slot.
 #
 #   scripts/measure_latency.sh [N=300] [SOURCE_FPS=100] [BINARY=target/release/posegpt-edge]
+# Environment: THREADS (engine threads, default 2), MAX_RATE (pose.max_rate_hz, default 240).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-300}
@@ -24,7 +25,7 @@ kind = "dir"
 path = "$PWD/models/samples"
 fps = $FPS
 [pose]
-max_rate_hz = 240.0
+max_rate_hz = ${MAX_RATE:-240.0}
 [mqtt]
 embedded_port = $PORT
 stats_interval_s = 1.0

@@ -54,7 +54,8 @@ pub struct ModelConfig {
     /// Bundle folder; relative paths are taken from the config file's folder's parent
     /// (the project root for files in firmware-config/), or from the working directory.
     pub bundle: PathBuf,
-    /// CPU threads for the LLM and the vision encoder; 0 = all cores.
+    /// CPU threads for the LLM and the vision encoder; 0 = all cores but one, which is left to
+    /// capture + preprocessing and MQTT (see [`ModelConfig::engine_threads`]).
     pub threads: usize,
     /// LLM context length; 0 = the model's training length, capped at 4096.
     pub n_ctx: u32,
@@ -72,6 +73,21 @@ pub struct ModelConfig {
     /// Earlier turns kept per conversation, and conversations kept.
     pub max_history_turns: usize,
     pub max_conversations: usize,
+}
+
+impl ModelConfig {
+    /// The threads the engines get: `threads`, or for 0 all cores but one (at least one). On
+    /// this project's 2-core test machine, giving the engines both cores starved the capture
+    /// and MQTT threads (tiny model, 240 fps source: 50–160 poses/s with most frames dropped,
+    /// against 235 poses/s with one; docs/performance.md).
+    pub fn engine_threads(&self) -> usize {
+        if self.threads > 0 {
+            self.threads
+        } else {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            cores.saturating_sub(1).max(1)
+        }
+    }
 }
 
 /// Where frames come from.
@@ -506,6 +522,19 @@ mod tests {
 
     fn root() -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    }
+
+    #[test]
+    fn engine_threads_leave_one_core_unless_set() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let auto = ModelConfig::default();
+        assert_eq!(auto.threads, 0);
+        assert_eq!(auto.engine_threads(), (cores - 1).max(1));
+        let set = ModelConfig {
+            threads: 7,
+            ..ModelConfig::default()
+        };
+        assert_eq!(set.engine_threads(), 7);
     }
 
     #[test]

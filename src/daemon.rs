@@ -1,11 +1,13 @@
 //! The daemon: wiring of capture, inference and MQTT, scheduling, graceful shutdown.
 //!
-//! * Capture runs on its own thread into the latest-frame slot (`frame`).
+//! * Capture runs on its own thread into the latest-frame slot (`frame`), and preprocesses each
+//!   frame for the encoder there, overlapping the model's work on the previous frame.
 //! * One inference worker thread owns the model. Questions come first; between questions it
 //!   takes the newest frame and publishes its pose, at most `pose.max_rate_hz` times a second
 //!   (less when the model is slower: frames in between are dropped and counted).
 //! * Requests wait in a bounded queue; when it is full the request is answered `busy` at once.
-//! * MQTT runs on tokio (`mqtt`): one task polls, one publishes, one sends stats.
+//! * MQTT runs on tokio (`mqtt`): one task polls, one publishes (and encodes pose messages, so
+//!   the inference thread moves on to the next frame at once), one sends stats.
 //! * SIGINT/SIGTERM: stop accepting, let the worker finish the request in hand, answer the
 //!   queued ones `shutting_down`, publish `offline`, disconnect, exit 0.
 
@@ -13,7 +15,7 @@ use crate::config::Config;
 use crate::frame::{open_source, Capture, Frame, LatestFrame};
 use crate::llm::{ModelParams, Sampling, SessionParams};
 use crate::mqtt::{self, IncomingAsk, MqttCounters, Outgoing, Publisher, ReplyTo, Topics};
-use crate::posegpt::{PoseGpt, RuntimeOptions};
+use crate::posegpt::{FramePose, PoseGpt, RuntimeOptions};
 use crate::protocol::{
     parse_ask, Answer, ErrorCode, ErrorReply, Limits, PoseMessage, Stats, ValidAsk, ValidImage,
 };
@@ -71,6 +73,7 @@ fn unix_ms(t: SystemTime) -> u64 {
 
 fn runtime_options(config: &Config, skeleton: crate::smpl::Skeleton) -> RuntimeOptions {
     let m = &config.model;
+    let threads = m.engine_threads();
     RuntimeOptions {
         skeleton,
         load: crate::bundle::LoadOptions {
@@ -80,12 +83,12 @@ fn runtime_options(config: &Config, skeleton: crate::smpl::Skeleton) -> RuntimeO
         },
         session: SessionParams {
             n_ctx: m.n_ctx,
-            n_threads: m.threads as i32,
-            n_threads_batch: m.threads as i32,
+            n_threads: threads as i32,
+            n_threads_batch: threads as i32,
             exact: m.exact,
             ..SessionParams::default()
         },
-        vision_threads: m.threads,
+        vision_threads: threads,
         max_tokens: m.max_tokens,
         sampling: if m.temperature > 0.0 {
             Sampling::Random {
@@ -127,7 +130,11 @@ async fn run_async(config: Config) -> Result<()> {
         s.height_m,
     )
     .context("cannot load smpl.model")?;
-    log::info!("loading model bundle {}", config.model.bundle.display());
+    log::info!(
+        "loading model bundle {} ({} engine threads)",
+        config.model.bundle.display(),
+        config.model.engine_threads()
+    );
     let pg = PoseGpt::load(&config.model.bundle, runtime_options(&config, skeleton))
         .with_context(|| format!("cannot load model bundle {}", config.model.bundle.display()))?;
     let source = open_source(&config.source).context("cannot open the frame source")?;
@@ -167,6 +174,7 @@ async fn run_async(config: Config) -> Result<()> {
     let (ask_tx, mut ask_rx) = mpsc::channel::<IncomingAsk>(64);
     let (connack_tx, mut connack_rx) = mpsc::unbounded_channel::<()>();
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outgoing>();
+    let (pose_tx, mut pose_rx) = mpsc::unbounded_channel::<PoseDone>();
 
     // The poller outlives the other tasks: it must still send `offline` and the disconnect.
     let (poller_stop_tx, poller_stop_rx) = watch::channel(false);
@@ -181,7 +189,9 @@ async fn run_async(config: Config) -> Result<()> {
 
     // Capture and inference.
     let slot = LatestFrame::new();
-    let mut capture = Capture::spawn(source, config.source.fps, slot.clone());
+    // The capture thread also preprocesses, overlapping the model's work on the last frame.
+    let prepare = Some(pg.bundle().vision.preprocessor());
+    let mut capture = Capture::spawn_preparing(source, config.source.fps, slot.clone(), prepare);
     let metrics = Arc::new(Metrics::default());
     let stop = Arc::new(AtomicBool::new(false));
     let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<Job>(config.requests.queue);
@@ -193,7 +203,20 @@ async fn run_async(config: Config) -> Result<()> {
         let period = Duration::from_secs_f64(1.0 / config.pose.max_rate_hz as f64);
         std::thread::Builder::new()
             .name("inference".into())
-            .spawn(move || worker_loop(pg, job_rx, slot, out, metrics, stop, period))
+            .spawn(move || {
+                worker_loop(
+                    pg,
+                    WorkerIo {
+                        jobs: job_rx,
+                        slot,
+                        out,
+                        poses: pose_tx,
+                        metrics,
+                        stop,
+                        period,
+                    },
+                )
+            })
             .context("cannot start the inference thread")?
     };
 
@@ -344,6 +367,11 @@ async fn run_async(config: Config) -> Result<()> {
                 Some(m) => publisher.send(m).await,
                 None => { log::error!("all producers stopped"); break; }
             },
+            Some(done) = pose_rx.recv() => {
+                if let Some(p) = encode_pose(done) {
+                    publisher.send(Outgoing::Pose(p)).await;
+                }
+            }
         }
     }
 
@@ -357,11 +385,21 @@ async fn run_async(config: Config) -> Result<()> {
     let deadline = tokio::time::sleep(Duration::from_secs(60));
     tokio::pin!(join);
     tokio::pin!(deadline);
-    loop {
+    // Until every producer is gone (both channels closed) or the deadline passes.
+    let (mut out_open, mut poses_open) = (true, true);
+    while out_open || poses_open {
         tokio::select! {
-            msg = out_rx.recv() => match msg {
+            m = out_rx.recv(), if out_open => match m {
                 Some(m) => publisher.send(m).await,
-                None => break,
+                None => out_open = false,
+            },
+            done = pose_rx.recv(), if poses_open => match done {
+                Some(done) => {
+                    if let Some(p) = encode_pose(done) {
+                        publisher.send(Outgoing::Pose(p)).await;
+                    }
+                }
+                None => poses_open = false,
             },
             _ = &mut deadline => { log::warn!("the inference worker did not stop within 60 s"); break; }
         }
@@ -395,15 +433,55 @@ fn answer_error(out: &mpsc::UnboundedSender<Outgoing>, reply_to: ReplyTo, e: Err
     }
 }
 
-fn worker_loop(
-    mut pg: PoseGpt,
+/// A pose made by the inference thread, to be encoded and published on the MQTT side.
+struct PoseDone {
+    seq: u64,
+    frame_seq: u64,
+    captured_at: SystemTime,
+    latency_ms: f64,
+    pose: FramePose,
+}
+
+fn encode_pose(done: PoseDone) -> Option<Vec<u8>> {
+    let msg = PoseMessage {
+        seq: done.seq,
+        frame_seq: done.frame_seq,
+        captured_at_ms: unix_ms(done.captured_at),
+        published_at_ms: unix_ms(SystemTime::now()),
+        latency_ms: done.latency_ms,
+        persons: std::slice::from_ref(&done.pose.pose),
+        timings: &done.pose.timings,
+    };
+    match serde_json::to_vec(&msg) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            log::error!("cannot encode pose message {}: {e}", done.seq);
+            None
+        }
+    }
+}
+
+/// What the inference thread reads from and writes to.
+struct WorkerIo {
     jobs: Receiver<Job>,
     slot: Arc<LatestFrame>,
     out: mpsc::UnboundedSender<Outgoing>,
+    poses: mpsc::UnboundedSender<PoseDone>,
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
     period: Duration,
-) {
+}
+
+fn worker_loop(mut pg: PoseGpt, io: WorkerIo) {
+    let WorkerIo {
+        jobs,
+        slot,
+        out,
+        poses,
+        metrics,
+        stop,
+        period,
+    } = io;
     let mut next_pose_at = Instant::now();
     let mut last_frame: Option<Frame> = None;
     let mut seq = 0u64;
@@ -432,30 +510,27 @@ fn worker_loop(
         };
         let started = Instant::now();
         next_pose_at = started + period;
-        match pg.pose(&frame.rgb) {
+        let result = match &frame.prepared {
+            Some(p) => pg.pose_prepared(&p.pixels, p.preprocess_ms),
+            None => pg.pose(&frame.rgb),
+        };
+        match result {
             Ok(fp) => {
-                let published = SystemTime::now();
                 let latency_ms = frame.captured_instant.elapsed().as_secs_f64() * 1e3;
-                let msg = PoseMessage {
+                // Encoded on the MQTT side, not here: the next frame's inference starts now.
+                let done = PoseDone {
                     seq,
                     frame_seq: frame.seq,
-                    captured_at_ms: unix_ms(frame.captured_at),
-                    published_at_ms: unix_ms(published),
+                    captured_at: frame.captured_at,
                     latency_ms,
-                    persons: std::slice::from_ref(&fp.pose),
-                    timings: &fp.timings,
+                    pose: fp,
                 };
-                match serde_json::to_vec(&msg) {
-                    Ok(p) => {
-                        if out.send(Outgoing::Pose(p)).is_err() {
-                            break;
-                        }
-                        seq += 1;
-                        metrics.poses.fetch_add(1, Ordering::Relaxed);
-                        metrics.record_latency(latency_ms);
-                    }
-                    Err(e) => log::error!("cannot encode a pose message: {e}"),
+                if poses.send(done).is_err() {
+                    break;
                 }
+                seq += 1;
+                metrics.poses.fetch_add(1, Ordering::Relaxed);
+                metrics.record_latency(latency_ms);
             }
             Err(e) => log::error!("pose failed on frame {} ({}): {e}", frame.seq, frame.origin),
         }

@@ -382,7 +382,15 @@ fn run(cli: Cli) -> Result<()> {
                     report.pose_cold_total.median_ms,
                     report.pose_cold_total.p99_ms
                 );
-                println!("cached prompt prefix speed-up: {:.2}x; time outside the two engines: {:.1} % of the frame", report.kv_reuse_speedup, report.overhead_share * 100.0);
+                println!(
+                    "cached prompt prefix speed-up: {:.2}x",
+                    report.kv_reuse_speedup
+                );
+                println!(
+                    "time outside the two engines: {:.1} % on the daemon's inference thread; {:.1} % of all per-frame work (decode, preprocessing, JSON included)",
+                    report.inference_thread_overhead_share * 100.0,
+                    report.overhead_share * 100.0
+                );
                 let a = &report.ask;
                 println!(
                     "ask(): {} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s, first token after {:.1} ms",

@@ -220,13 +220,24 @@ impl PoseGpt {
     pub fn pose(&mut self, img: &RgbImage) -> Result<FramePose, PoseGptError> {
         let t0 = Instant::now();
         let pixels = self.bundle.vision.preprocess(img);
+        let preprocess_ms = ms(t0.elapsed());
+        self.pose_prepared(&pixels, preprocess_ms)
+    }
+
+    /// [`PoseGpt::pose`] from pixels already preprocessed (the daemon's capture thread does
+    /// that), with the time that took, for the timings.
+    pub fn pose_prepared(
+        &mut self,
+        pixels: &[f32],
+        preprocess_ms: f64,
+    ) -> Result<FramePose, PoseGptError> {
         let t1 = Instant::now();
-        let embeddings = self.bundle.vision.encode_pixels(&pixels)?;
+        let embeddings = self.bundle.vision.encode_pixels(pixels)?;
         let t2 = Instant::now();
         let mut pose = self.pose_from_embeddings(&embeddings)?;
-        pose.timings.preprocess_ms = ms(t1 - t0);
+        pose.timings.preprocess_ms = preprocess_ms;
         pose.timings.encode_ms = ms(t2 - t1);
-        pose.timings.total_ms = ms(t0.elapsed());
+        pose.timings.total_ms = preprocess_ms + ms(t1.elapsed());
         Ok(pose)
     }
 

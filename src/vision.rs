@@ -564,11 +564,46 @@ impl TractRunner {
     }
 }
 
+/// [`preprocess`] for one encoder's spec, keeping the plan of the last frame size seen (a
+/// camera keeps its size, so the plan is built once). Shareable between threads.
+#[derive(Debug)]
+pub struct Preprocessor {
+    spec: ImageSpec,
+    plan: std::sync::Mutex<Option<std::sync::Arc<SquarePlan>>>,
+}
+
+impl Preprocessor {
+    pub fn new(spec: &ImageSpec) -> Self {
+        Self {
+            spec: spec.clone(),
+            plan: std::sync::Mutex::new(None),
+        }
+    }
+
+    pub fn spec(&self) -> &ImageSpec {
+        &self.spec
+    }
+
+    pub fn preprocess(&self, img: &RgbImage) -> Vec<f32> {
+        let plan = {
+            let mut slot = self.plan.lock().unwrap_or_else(|p| p.into_inner());
+            match &*slot {
+                Some(plan) if plan.input() == img.dimensions() => plan.clone(),
+                _ => {
+                    let plan = std::sync::Arc::new(SquarePlan::new(img.dimensions(), &self.spec));
+                    *slot = Some(plan.clone());
+                    plan
+                }
+            }
+        };
+        plan.preprocess(img)
+    }
+}
+
 /// The vision tower + projector: normalised pixels `[1,3,S,S]` → image embeddings `[N, n_embd]`.
 pub struct VisionEncoder {
     runner: TractRunner,
-    /// The preprocessing plan of the last frame size seen.
-    square_plan: std::sync::Mutex<Option<std::sync::Arc<SquarePlan>>>,
+    preprocessor: std::sync::Arc<Preprocessor>,
     spec: ImageSpec,
     n_tokens: usize,
     n_embd: usize,
@@ -588,7 +623,7 @@ impl VisionEncoder {
         }
         Ok(Self {
             runner: TractRunner::new(plan),
-            square_plan: std::sync::Mutex::new(None),
+            preprocessor: std::sync::Arc::new(Preprocessor::new(spec)),
             spec: spec.clone(),
             n_tokens: got[0],
             n_embd,
@@ -623,18 +658,12 @@ impl VisionEncoder {
 
     /// [`preprocess`] with this encoder's spec, reusing the plan while frames keep their size.
     pub fn preprocess(&self, img: &RgbImage) -> Vec<f32> {
-        let plan = {
-            let mut slot = self.square_plan.lock().unwrap_or_else(|p| p.into_inner());
-            match &*slot {
-                Some(plan) if plan.input() == img.dimensions() => plan.clone(),
-                _ => {
-                    let plan = std::sync::Arc::new(SquarePlan::new(img.dimensions(), &self.spec));
-                    *slot = Some(plan.clone());
-                    plan
-                }
-            }
-        };
-        plan.preprocess(img)
+        self.preprocessor.preprocess(img)
+    }
+
+    /// The encoder's preprocessing, to run on another thread (the daemon's capture thread).
+    pub fn preprocessor(&self) -> std::sync::Arc<Preprocessor> {
+        self.preprocessor.clone()
     }
 
     /// Preprocess and encode an image.

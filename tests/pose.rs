@@ -105,6 +105,15 @@ fn pose_from_an_image_file_uses_the_manifest_preprocessing() {
     let dr = max_abs_diff(&fp.pose.raw, &floats(&case["head"]));
     assert!(dr < 1e-3, "head differs by {dr}");
     assert!(fp.timings.encode_ms > 0.0 && fp.timings.prefill_ms > 0.0);
+
+    // The daemon's path: pixels prepared elsewhere (its capture thread) give the same pose,
+    // and the time reported for preprocessing is the one passed in.
+    let pixels = pg.bundle().vision.preprocessor().preprocess(&img);
+    let prepared = pg.pose_prepared(&pixels, 1.25).unwrap();
+    assert_eq!(prepared.pose.raw, fp.pose.raw);
+    assert_eq!(prepared.pose.hidden, fp.pose.hidden);
+    assert_eq!(prepared.timings.preprocess_ms, 1.25);
+    assert!(prepared.timings.total_ms > 1.25);
 }
 
 #[test]

@@ -4,6 +4,10 @@
 //! inference worker takes the newest one when it is ready for the next. A slow model therefore
 //! never builds a queue: a frame replaced before it was taken is dropped and counted.
 //!
+//! When given the encoder's [`Preprocessor`], the capture thread also brings each frame to the
+//! encoder's input (resize, crop, normalise) before putting it in the slot, so that work
+//! overlaps the model's work on the previous frame instead of adding to it.
+//!
 //! The slot is a mutex + condition variable rather than a channel because the consumer is a
 //! blocking worker thread and "dropped" needs take semantics: a frame counts as used only when
 //! the worker took it.
@@ -15,7 +19,7 @@ pub use camera::{list_cameras, CameraEntry, CameraRequest, CameraSource};
 pub use files::{DirSource, FileSource};
 
 use crate::config::{SourceConfig, SourceKind};
-use crate::vision::RgbImage;
+use crate::vision::{Preprocessor, RgbImage};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -31,6 +35,16 @@ pub struct Frame {
     pub captured_instant: Instant,
     /// Where it came from (a file name), for logs.
     pub origin: String,
+    /// The encoder's input made from `rgb` by the capture thread, when it was given the
+    /// encoder's preprocessing.
+    pub prepared: Option<Arc<Prepared>>,
+}
+
+/// A frame's pixels preprocessed for the encoder (planar CHW floats), and what it took.
+#[derive(Debug)]
+pub struct Prepared {
+    pub pixels: Vec<f32>,
+    pub preprocess_ms: f64,
 }
 
 impl Frame {
@@ -228,6 +242,17 @@ pub struct Capture {
 impl Capture {
     /// Build the source on its own thread and run it at `fps`, putting frames into `slot`.
     pub fn spawn(source: SourceBuilder, fps: f32, slot: Arc<LatestFrame>) -> Self {
+        Self::spawn_preparing(source, fps, slot, None)
+    }
+
+    /// [`Capture::spawn`], and with `prepare`, each frame is also preprocessed for the encoder
+    /// on the capture thread ([`Frame::prepared`]).
+    pub fn spawn_preparing(
+        source: SourceBuilder,
+        fps: f32,
+        slot: Arc<LatestFrame>,
+        prepare: Option<Arc<Preprocessor>>,
+    ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let stop_flag = stop.clone();
         let period = Duration::from_secs_f64(1.0 / fps.max(1e-3) as f64);
@@ -242,12 +267,22 @@ impl Capture {
                     match source.next() {
                         Next::Frame(rgb, origin) => {
                             slot.source_down.store(false, Ordering::Relaxed);
+                            let (captured_at, captured_instant) =
+                                (SystemTime::now(), Instant::now());
+                            let prepared = prepare.as_ref().map(|p| {
+                                let pixels = p.preprocess(&rgb);
+                                Arc::new(Prepared {
+                                    pixels,
+                                    preprocess_ms: captured_instant.elapsed().as_secs_f64() * 1e3,
+                                })
+                            });
                             slot.put(Frame {
                                 rgb: Arc::new(rgb),
                                 seq,
-                                captured_at: SystemTime::now(),
-                                captured_instant: Instant::now(),
+                                captured_at,
+                                captured_instant,
                                 origin,
+                                prepared,
                             });
                             seq += 1;
                         }
@@ -328,6 +363,7 @@ mod tests {
             captured_at: SystemTime::now(),
             captured_instant: Instant::now(),
             origin: format!("f{seq}"),
+            prepared: None,
         }
     }
 
@@ -389,6 +425,49 @@ mod tests {
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    #[test]
+    fn capture_can_prepare_each_frame_for_the_encoder() {
+        use crate::vision::{preprocess, ImageSpec, ResizeMode};
+        let spec = ImageSpec {
+            size: 3,
+            mean: [0.5; 3],
+            std: [0.25; 3],
+            mode: ResizeMode::Crop,
+        };
+        let slot = LatestFrame::new();
+        let mut capture = Capture::spawn_preparing(
+            SourceBuilder::ready(Flaky {
+                given: 0,
+                back: Arc::new(AtomicBool::new(true)),
+            }),
+            200.0,
+            slot.clone(),
+            Some(Arc::new(Preprocessor::new(&spec))),
+        );
+        let frame = slot.take(Duration::from_secs(5)).expect("a frame");
+        capture.stop();
+        let prepared = frame.prepared.expect("prepared by the capture thread");
+        assert_eq!(prepared.pixels, preprocess(&frame.rgb, &spec));
+        assert_eq!(prepared.pixels.len(), 27);
+        assert!(prepared.preprocess_ms >= 0.0);
+        // Without a preprocessor, frames come as they were.
+        let slot = LatestFrame::new();
+        let mut capture = Capture::spawn(
+            SourceBuilder::ready(Flaky {
+                given: 0,
+                back: Arc::new(AtomicBool::new(true)),
+            }),
+            200.0,
+            slot.clone(),
+        );
+        assert!(slot
+            .take(Duration::from_secs(5))
+            .unwrap()
+            .prepared
+            .is_none());
+        capture.stop();
     }
 
     #[test]

@@ -561,12 +561,15 @@ fn key_of(input: Input<'_>) -> CacheKey {
 /// Softmax probability of one entry of a logits vector, computed stably.
 pub fn softmax_at(logits: &[f32], index: Token) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    // Single-precision exponentials (every term is in (0, 1], so each is good to ~1e-7
+    // relative), summed in double precision: a real vocabulary has 32k terms, and this runs
+    // on every frame.
+    let sum: f64 = logits.iter().map(|&l| (l - max).exp() as f64).sum();
     let at = logits
         .get(index as usize)
         .copied()
         .unwrap_or(f32::NEG_INFINITY);
-    (((at - max) as f64).exp() / sum) as f32
+    ((at - max).exp() as f64 / sum) as f32
 }
 
 /// Byte offset of the earliest stop string in `text`, if any occurs.
