@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what building posegpt-edge needs on Debian/Ubuntu: cmake and clang/libclang for
-# llama.cpp and its bindings, mosquitto for the MQTT tests, and the Rust toolchain if missing.
+# llama.cpp and its bindings, mosquitto for the MQTT tests, openssl for the TLS test,
+# systemd-analyze (package systemd) for the unit-file test, and the Rust toolchain if missing.
 set -euo pipefail
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
@@ -8,7 +9,7 @@ export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update
 $SUDO apt-get install -y --no-install-recommends \
     build-essential cmake clang libclang-dev pkg-config ca-certificates curl \
-    mosquitto mosquitto-clients openssl
+    mosquitto mosquitto-clients openssl systemd
 if ! command -v cargo >/dev/null 2>&1; then
     echo "Rust is not installed: get it from https://rustup.rs (rustup), then run this again." >&2
     exit 1

@@ -8,6 +8,9 @@
 //! * Requests wait in a bounded queue; when it is full the request is answered `busy` at once.
 //! * MQTT runs on tokio (`mqtt`): one task polls, one publishes (and encodes pose messages, so
 //!   the inference thread moves on to the next frame at once), one sends stats.
+//! * Under systemd (`Type=notify`, `service`): status lines while loading and connecting,
+//!   READY=1 once the model is loaded and the broker accepted the connection, a watchdog fed
+//!   while the inference thread makes progress, STOPPING=1 on shutdown.
 //! * SIGINT/SIGTERM: stop accepting, let the worker finish the request in hand, answer the
 //!   queued ones `shutting_down`, publish `offline`, disconnect, exit 0.
 
@@ -19,6 +22,7 @@ use crate::posegpt::{FramePose, PoseGpt, RuntimeOptions};
 use crate::protocol::{
     parse_ask, Answer, ErrorCode, ErrorReply, Limits, PoseMessage, Stats, ValidAsk, ValidImage,
 };
+use crate::service;
 use crate::vision::decode_image;
 use anyhow::{Context, Result};
 use std::collections::VecDeque;
@@ -135,6 +139,10 @@ async fn run_async(config: Config) -> Result<()> {
         config.model.bundle.display(),
         config.model.engine_threads()
     );
+    service::status(&format!(
+        "loading model bundle {}",
+        config.model.bundle.display()
+    ));
     let pg = PoseGpt::load(&config.model.bundle, runtime_options(&config, skeleton))
         .with_context(|| format!("cannot load model bundle {}", config.model.bundle.display()))?;
     let source = open_source(&config.source).context("cannot open the frame source")?;
@@ -167,6 +175,10 @@ async fn run_async(config: Config) -> Result<()> {
         )
     );
 
+    service::status(&format!(
+        "model loaded; connecting to MQTT broker {}",
+        broker.host
+    ));
     let counters = Arc::new(MqttCounters::default());
     let options = mqtt::client_options(&config, &broker, &topics)?;
     let (client, eventloop) = rumqttc::v5::AsyncClient::new(options, 64);
@@ -194,6 +206,9 @@ async fn run_async(config: Config) -> Result<()> {
     let mut capture = Capture::spawn_preparing(source, config.source.fps, slot.clone(), prepare);
     let metrics = Arc::new(Metrics::default());
     let stop = Arc::new(AtomicBool::new(false));
+    let heartbeat = Arc::new(service::Heartbeat::default());
+    heartbeat.beat();
+    let watchdog = service::spawn_watchdog(heartbeat.clone(), stop.clone());
     let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<Job>(config.requests.queue);
     let worker = {
         let slot = slot.clone();
@@ -214,6 +229,7 @@ async fn run_async(config: Config) -> Result<()> {
                         metrics,
                         stop,
                         period,
+                        heartbeat,
                     },
                 )
             })
@@ -358,11 +374,22 @@ async fn run_async(config: Config) -> Result<()> {
         config.device.id,
         topics.base
     );
+    let mut ready_sent = false;
     loop {
         tokio::select! {
             _ = sigint.recv() => { log::info!("SIGINT: shutting down"); break; }
             _ = sigterm.recv() => { log::info!("SIGTERM: shutting down"); break; }
-            Some(()) = connack_rx.recv() => publisher.on_connected().await,
+            Some(()) = connack_rx.recv() => {
+                publisher.on_connected().await;
+                if !ready_sent {
+                    // The model is loaded and the broker accepted us: ready for systemd.
+                    service::ready(&format!(
+                        "running: device {}, topics under {}/",
+                        config.device.id, topics.base
+                    ));
+                    ready_sent = true;
+                }
+            }
             msg = out_rx.recv() => match msg {
                 Some(m) => publisher.send(m).await,
                 None => { log::error!("all producers stopped"); break; }
@@ -376,6 +403,7 @@ async fn run_async(config: Config) -> Result<()> {
     }
 
     // Shutdown: stop intake and capture, let the worker finish, deliver its last answers.
+    service::stopping();
     let _ = shutdown_tx.send(true);
     stop.store(true, Ordering::SeqCst);
     capture.stop();
@@ -405,6 +433,9 @@ async fn run_async(config: Config) -> Result<()> {
         }
     }
     let _ = (&mut join).await;
+    if let Some(w) = watchdog {
+        let _ = tokio::task::spawn_blocking(move || w.join()).await;
+    }
     let was_connected = counters.connected.load(Ordering::SeqCst);
     publisher.close().await;
     // The poller returns once the disconnect (after `offline`) is written; don't wait forever
@@ -470,6 +501,7 @@ struct WorkerIo {
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
     period: Duration,
+    heartbeat: Arc<service::Heartbeat>,
 }
 
 fn worker_loop(mut pg: PoseGpt, io: WorkerIo) {
@@ -481,11 +513,13 @@ fn worker_loop(mut pg: PoseGpt, io: WorkerIo) {
         metrics,
         stop,
         period,
+        heartbeat,
     } = io;
     let mut next_pose_at = Instant::now();
     let mut last_frame: Option<Frame> = None;
     let mut seq = 0u64;
     while !stop.load(Ordering::SeqCst) {
+        heartbeat.beat();
         // Questions first.
         match jobs.try_recv() {
             Ok(job) => {

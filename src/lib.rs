@@ -27,6 +27,7 @@ pub mod mqtt;
 pub mod pose_head;
 pub mod posegpt;
 pub mod protocol;
+pub mod service;
 pub mod smpl;
 pub mod vision;
 

@@ -1,0 +1,121 @@
+//! systemd integration for `firmware-config/posegpt-edge.service` (`Type=notify`): readiness
+//! once the model is loaded and the MQTT broker has accepted the connection, a status line,
+//! and a watchdog fed only while the inference thread keeps making progress, so systemd
+//! restarts a wedged model. Everything here does nothing when the daemon does not run under
+//! systemd (no `NOTIFY_SOCKET` in the environment).
+
+use sd_notify::NotifyState;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn send(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        log::debug!("cannot notify systemd: {e}");
+    }
+}
+
+/// A free-form status line (`systemctl status` shows it).
+pub fn status(text: &str) {
+    send(&[NotifyState::Status(text)]);
+}
+
+/// Startup is finished: the model is loaded and MQTT is connected.
+pub fn ready(text: &str) {
+    send(&[NotifyState::Ready, NotifyState::Status(text)]);
+}
+
+/// Shutdown has begun.
+pub fn stopping() {
+    send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+}
+
+/// When the inference thread last made progress (a frame, a question, or an idle turn of its
+/// loop, which comes at least every 50 ms when nothing is running).
+#[derive(Debug)]
+pub struct Heartbeat {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Self {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Heartbeat {
+    pub fn beat(&self) {
+        self.last_ms
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Time since the last beat.
+    pub fn age(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
+}
+
+/// When systemd asked for a watchdog (`WatchdogSec=`), a thread that sends `WATCHDOG=1` every
+/// half period, but only while `heartbeat` is younger than the period: if one pose or answer
+/// takes longer than `WatchdogSec` the pings stop and systemd restarts the service. Set
+/// `WatchdogSec` above the slowest answer the model gives. Returns None without a watchdog.
+pub fn spawn_watchdog(
+    heartbeat: Arc<Heartbeat>,
+    stop: Arc<AtomicBool>,
+) -> Option<std::thread::JoinHandle<()>> {
+    let period = sd_notify::watchdog_enabled()?;
+    log::info!(
+        "systemd watchdog: {:.1} s; fed while the inference thread makes progress",
+        period.as_secs_f64()
+    );
+    let spawned = std::thread::Builder::new()
+        .name("watchdog".into())
+        .spawn(move || {
+            let mut warned = false;
+            while !stop.load(Ordering::Relaxed) {
+                let age = heartbeat.age();
+                if age < period {
+                    send(&[NotifyState::Watchdog]);
+                    warned = false;
+                } else if !warned {
+                    log::error!(
+                        "the inference thread has made no progress for {:.1} s; no longer feeding the systemd watchdog",
+                        age.as_secs_f64()
+                    );
+                    warned = true;
+                }
+                // Sleep half a period in short steps, so stopping is prompt.
+                let until = Instant::now() + period / 2;
+                while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(50).min(period / 2));
+                }
+            }
+        });
+    match spawned {
+        Ok(h) => Some(h),
+        Err(e) => {
+            log::error!("cannot start the watchdog thread: {e}; systemd will restart the service");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_heartbeat_ages_until_the_next_beat() {
+        let hb = Heartbeat::default();
+        hb.beat();
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(hb.age() >= Duration::from_millis(30));
+        hb.beat();
+        assert!(hb.age() < Duration::from_millis(30));
+    }
+}
