@@ -300,6 +300,7 @@ async fn run_async(config: Config) -> Result<()> {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.tick().await;
+            let mut health = crate::health::HealthReader::default();
             let mut last_poses = 0u64;
             let mut last_at = Instant::now();
             loop {
@@ -338,6 +339,7 @@ async fn run_async(config: Config) -> Result<()> {
                     } else {
                         0.0
                     },
+                    health: health.read(),
                 };
                 log::info!(
                     "stats: {:.1} poses/s, latency p50 {:.0} ms p99 {:.0} ms, frames {} captured {} dropped, asks {} answered {} refused",

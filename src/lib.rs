@@ -22,6 +22,7 @@ pub mod bundle;
 pub mod config;
 pub mod daemon;
 pub mod frame;
+pub mod health;
 pub mod llm;
 pub mod mqtt;
 pub mod pose_head;

@@ -272,6 +272,10 @@ pub struct Stats {
     pub asks_rejected: u64,
     pub outbox_dropped: u64,
     pub tokens_per_s: f64,
+    /// Temperatures, GPU load and power rails where the machine has them (each left out
+    /// otherwise).
+    #[serde(flatten)]
+    pub health: crate::health::Health,
 }
 
 #[cfg(test)]

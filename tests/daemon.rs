@@ -392,6 +392,47 @@ async fn daemon_with_mosquitto() {
     let s = json(&w.expect("stats", 10, |_| true).await);
     assert!(s["poses_published"].as_u64().unwrap() >= 3, "{s}");
     assert!(s["asks_rejected"].as_u64().unwrap() >= 7, "{s}");
+    // Device health: exactly the thermal zones this machine has with a sane reading (read here
+    // directly), and no GPU load or power fields where there is no Jetson GPU or INA3221 (none
+    // on the test machine); a missing file is never an error.
+    let mut zones: Vec<String> = std::fs::read_dir("/sys/class/thermal")
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().starts_with("thermal_zone"))
+                .filter(|e| {
+                    std::fs::read_to_string(e.path().join("temp"))
+                        .ok()
+                        .and_then(|t| t.trim().parse::<f64>().ok())
+                        .is_some_and(|m| (-40_000.0..=200_000.0).contains(&m))
+                })
+                .filter_map(|e| std::fs::read_to_string(e.path().join("type")).ok())
+                .map(|t| t.trim().to_lowercase())
+                .collect()
+        })
+        .unwrap_or_default();
+    zones.sort();
+    zones.dedup();
+    let mut reported: Vec<String> = s
+        .get("temperature_c")
+        .map(|t| t.as_object().unwrap().keys().cloned().collect())
+        .unwrap_or_default();
+    reported.sort();
+    assert_eq!(reported, zones, "{s}");
+    let gpu_load_files = [
+        "/sys/devices/platform/bus@0/17000000.gpu/load",
+        "/sys/devices/platform/17000000.gpu/load",
+        "/sys/devices/platform/17000000.ga10b/load",
+        "/sys/devices/17000000.ga10b/load",
+        "/sys/devices/platform/gpu.0/load",
+        "/sys/devices/gpu.0/load",
+    ];
+    let jetson_gpu = gpu_load_files
+        .iter()
+        .any(|f| std::path::Path::new(f).exists());
+    assert_eq!(s.get("gpu_load_percent").is_some(), jetson_gpu, "{s}");
+    if !std::path::Path::new("/sys/class/hwmon").exists() {
+        assert!(s.get("power_w").is_none(), "{s}");
+    }
 
     // SIGTERM: offline, exit 0.
     daemon.signal("-TERM");
