@@ -525,6 +525,45 @@ mod tests {
     }
 
     #[test]
+    fn the_packaged_config_points_at_what_the_package_installs() {
+        let path = root().join("firmware-config/package.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        // Installed as /etc/posegpt-edge/config.toml: relative paths would mean /etc/..., so
+        // the file must name absolute ones.
+        let config = Config::parse(&text, Path::new("/etc/posegpt-edge/config.toml")).unwrap();
+        assert!(config.model.bundle.is_absolute() && config.source.path.is_absolute());
+        // Where Cargo.toml's [package.metadata.deb] assets put the bundle and the samples.
+        let cargo: toml::Value =
+            toml::from_str(&std::fs::read_to_string(root().join("Cargo.toml")).unwrap()).unwrap();
+        let assets = cargo["package"]["metadata"]["deb"]["assets"]
+            .as_array()
+            .unwrap();
+        let dest_of = |src: &str| {
+            assets
+                .iter()
+                .find(|a| a[0].as_str() == Some(src))
+                .map(|a| format!("/{}", a[1].as_str().unwrap().trim_end_matches('/')))
+                .unwrap_or_else(|| panic!("{src} is not packaged"))
+        };
+        assert_eq!(
+            config.model.bundle,
+            PathBuf::from(dest_of("models/test-tiny/*"))
+        );
+        assert_eq!(
+            config.source.path,
+            PathBuf::from(dest_of("models/samples/*"))
+        );
+        assert_eq!(
+            dest_of("firmware-config/package.toml"),
+            "/etc/posegpt-edge/config.toml"
+        );
+        // And the unit reads that file.
+        let unit =
+            std::fs::read_to_string(root().join("firmware-config/posegpt-edge.service")).unwrap();
+        assert!(unit.contains("--config /etc/posegpt-edge/config.toml"));
+    }
+
+    #[test]
     fn engine_threads_leave_one_core_unless_set() {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let auto = ModelConfig::default();
