@@ -12,7 +12,8 @@ use posegpt_edge::protocol::PoseMessage;
 use posegpt_edge::smpl::model::as_joint_rotations;
 use posegpt_edge::smpl::Skeleton;
 use posegpt_edge::vision::{
-    normalise, preprocess, resize_bicubic, ImageSpec, ResizeMode, RgbImage, SquarePlan,
+    crop_resize_size, normalise, preprocess, resize_bicubic, ImageSpec, ResizeMode, RgbImage,
+    SquarePlan,
 };
 use std::hint::black_box;
 use std::path::PathBuf;
@@ -35,15 +36,8 @@ fn noise(w: u32, h: u32) -> RgbImage {
 
 /// Resize the whole image so its short side is `size`, crop the centre, normalise.
 fn straightforward(img: &RgbImage, spec: &ImageSpec) -> Vec<f32> {
-    let (w, h) = img.dimensions();
     let size = spec.size;
-    let (short, long) = if w <= h { (w, h) } else { (h, w) };
-    let new_long = ((long as f64) * (size as f64) / (short as f64)) as u32;
-    let (nw, nh) = if w <= h {
-        (size, new_long)
-    } else {
-        (new_long, size)
-    };
+    let (nw, nh) = crop_resize_size(img.dimensions(), size);
     let resized = resize_bicubic(img, nw, nh);
     let square = image::imageops::crop_imm(&resized, (nw - size) / 2, (nh - size) / 2, size, size)
         .to_image();

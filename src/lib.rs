@@ -32,14 +32,19 @@ pub mod service;
 pub mod smpl;
 pub mod vision;
 
-/// Configure tract to run matrix products on `threads` threads (0 = all cores); tract uses
-/// one thread otherwise. The setting is process-wide.
-pub fn set_tract_threads(threads: usize) {
-    let threads = if threads > 0 {
+/// `threads`, or for 0 the number of cores.
+pub fn threads_or_all_cores(threads: usize) -> usize {
+    if threads > 0 {
         threads
     } else {
         std::thread::available_parallelism().map_or(1, |n| n.get())
-    };
+    }
+}
+
+/// Configure tract to run matrix products on `threads` threads (0 = all cores); tract uses
+/// one thread otherwise. The setting is process-wide.
+pub fn set_tract_threads(threads: usize) {
+    let threads = threads_or_all_cores(threads);
     if threads > 1 {
         tract_linalg::multithread::set_default_executor(
             tract_linalg::multithread::Executor::multithread(threads),

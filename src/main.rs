@@ -406,11 +406,7 @@ fn run(cli: Cli) -> Result<()> {
             repetitions,
             json,
         } => {
-            let threads = if threads > 0 {
-                threads
-            } else {
-                std::thread::available_parallelism().map_or(1, |n| n.get())
-            };
+            let threads = posegpt_edge::threads_or_all_cores(threads);
             let r = posegpt_edge::bench::llm_bench(
                 &gguf,
                 n_prompt,
@@ -449,11 +445,7 @@ fn run(cli: Cli) -> Result<()> {
             profile,
             json,
         } => {
-            let threads = if threads > 0 {
-                threads
-            } else {
-                std::thread::available_parallelism().map_or(1, |n| n.get())
-            };
+            let threads = posegpt_edge::threads_or_all_cores(threads);
             let r = posegpt_edge::bench::vision_bench(
                 &onnx,
                 threads,

@@ -108,6 +108,19 @@ pub fn to_square(img: &RgbImage, spec: &ImageSpec) -> RgbImage {
     SquarePlan::new(img.dimensions(), spec).square(img)
 }
 
+/// The size `crop` resizes a `w`×`h` image to before cutting the centre square: the short side
+/// to `size`, the long side to the CLIP processor's `int(long * size / short)`, computed in
+/// floating point as it does.
+pub fn crop_resize_size((w, h): (u32, u32), size: u32) -> (u32, u32) {
+    let (short, long) = if w <= h { (w, h) } else { (h, w) };
+    let new_long = ((long as f64) * (size as f64) / (short as f64)) as u32;
+    if w <= h {
+        (size, new_long)
+    } else {
+        (new_long, size)
+    }
+}
+
 /// Everything about bringing images of one size to the encoder's square that does not depend
 /// on the pixels: filter windows and weights (computed once per frame size, since a camera
 /// keeps its size), and the crop window. Only the output pixels that survive the crop are
@@ -183,14 +196,7 @@ impl SquarePlan {
         let size = spec.size;
         let (canvas, (nw, nh), (left, top)) = match spec.mode {
             ResizeMode::Crop => {
-                let (short, long) = if w <= h { (w, h) } else { (h, w) };
-                // The CLIP processor's size rule: int(long * size / short), in floating point.
-                let new_long = ((long as f64) * (size as f64) / (short as f64)) as u32;
-                let (nw, nh) = if w <= h {
-                    (size, new_long)
-                } else {
-                    (new_long, size)
-                };
+                let (nw, nh) = crop_resize_size((w, h), size);
                 (None, (nw, nh), ((nw - size) / 2, (nh - size) / 2))
             }
             ResizeMode::Pad => (Some(w.max(h)), (size, size), (0, 0)),
@@ -692,13 +698,7 @@ mod tests {
         let (w, h) = img.dimensions();
         match spec.mode {
             ResizeMode::Crop => {
-                let (short, long) = if w <= h { (w, h) } else { (h, w) };
-                let new_long = ((long as f64) * (size as f64) / (short as f64)) as u32;
-                let (nw, nh) = if w <= h {
-                    (size, new_long)
-                } else {
-                    (new_long, size)
-                };
+                let (nw, nh) = crop_resize_size((w, h), size);
                 let resized = resize_bicubic(img, nw, nh);
                 image::imageops::crop_imm(&resized, (nw - size) / 2, (nh - size) / 2, size, size)
                     .to_image()
