@@ -108,6 +108,22 @@ pub fn to_square(img: &RgbImage, spec: &ImageSpec) -> RgbImage {
     SquarePlan::new(img.dimensions(), spec).square(img)
 }
 
+/// LLaVA's pad-to-square: the image pasted centred (offsets rounded down) on a square of its
+/// long side, filled with the mean colour.
+pub fn pad_to_square(img: &RgbImage, mean: &[f32; 3]) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let side = w.max(h);
+    let fill = image::Rgb(mean.map(|m| (m * 255.0) as u8));
+    let mut canvas = RgbImage::from_pixel(side, side, fill);
+    image::imageops::replace(
+        &mut canvas,
+        img,
+        ((side - w) / 2) as i64,
+        ((side - h) / 2) as i64,
+    );
+    canvas
+}
+
 /// The size `crop` resizes a `w`×`h` image to before cutting the centre square: the short side
 /// to `size`, the long side to the CLIP processor's `int(long * size / short)`, computed in
 /// floating point as it does.
@@ -251,17 +267,8 @@ impl SquarePlan {
         );
         let padded;
         let img = match self.canvas {
-            Some(side) => {
-                let (w, h) = img.dimensions();
-                let fill = image::Rgb(self.spec.mean.map(|m| (m * 255.0) as u8));
-                let mut canvas = RgbImage::from_pixel(side, side, fill);
-                image::imageops::replace(
-                    &mut canvas,
-                    img,
-                    ((side - w) / 2) as i64,
-                    ((side - h) / 2) as i64,
-                );
-                padded = canvas;
+            Some(_) => {
+                padded = pad_to_square(img, &self.spec.mean);
                 &padded
             }
             None => img,
@@ -703,18 +710,7 @@ mod tests {
                 image::imageops::crop_imm(&resized, (nw - size) / 2, (nh - size) / 2, size, size)
                     .to_image()
             }
-            ResizeMode::Pad => {
-                let side = w.max(h);
-                let fill = image::Rgb(spec.mean.map(|m| (m * 255.0) as u8));
-                let mut canvas = RgbImage::from_pixel(side, side, fill);
-                image::imageops::replace(
-                    &mut canvas,
-                    img,
-                    ((side - w) / 2) as i64,
-                    ((side - h) / 2) as i64,
-                );
-                resize_bicubic(&canvas, size, size)
-            }
+            ResizeMode::Pad => resize_bicubic(&pad_to_square(img, &spec.mean), size, size),
         }
     }
 
