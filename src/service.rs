@@ -73,14 +73,30 @@ pub fn spawn_watchdog(
         "systemd watchdog: {:.1} s; fed while the inference thread makes progress",
         period.as_secs_f64()
     );
-    let spawned = std::thread::Builder::new()
+    match spawn_feeder(heartbeat, stop, period, || send(&[NotifyState::Watchdog])) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            log::error!("cannot start the watchdog thread: {e}; systemd will restart the service");
+            None
+        }
+    }
+}
+
+/// The watchdog thread: `ping` every half `period` while `heartbeat` is younger than `period`.
+fn spawn_feeder(
+    heartbeat: Arc<Heartbeat>,
+    stop: Arc<AtomicBool>,
+    period: Duration,
+    mut ping: impl FnMut() + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
         .name("watchdog".into())
         .spawn(move || {
             let mut warned = false;
             while !stop.load(Ordering::Relaxed) {
                 let age = heartbeat.age();
                 if age < period {
-                    send(&[NotifyState::Watchdog]);
+                    ping();
                     warned = false;
                 } else if !warned {
                     log::error!(
@@ -92,22 +108,58 @@ pub fn spawn_watchdog(
                 // Sleep half a period in short steps, so stopping is prompt.
                 let until = Instant::now() + period / 2;
                 while Instant::now() < until && !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(50).min(period / 2));
+                    std::thread::sleep(Duration::from_millis(10).min(period / 2));
                 }
             }
-        });
-    match spawned {
-        Ok(h) => Some(h),
-        Err(e) => {
-            log::error!("cannot start the watchdog thread: {e}; systemd will restart the service");
-            None
-        }
-    }
+        })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_watchdog_is_fed_only_while_the_heartbeat_is_fresh() {
+        use std::sync::atomic::AtomicUsize;
+        let hb = Arc::new(Heartbeat::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let pings = Arc::new(AtomicUsize::new(0));
+        let counter = pings.clone();
+        let period = Duration::from_millis(200);
+        hb.beat();
+        let feeder = spawn_feeder(hb.clone(), stop.clone(), period, move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+        })
+        .unwrap();
+        // A working inference loop: beats often, pings flow (one per half period).
+        let beat_for = |d: Duration| {
+            let end = Instant::now() + d;
+            while Instant::now() < end {
+                hb.beat();
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        beat_for(Duration::from_millis(600));
+        let fed = pings.load(Ordering::SeqCst);
+        assert!(fed >= 2, "only {fed} pings while beating");
+        // A wedged one: no beats. Once the heartbeat is older than the period the pings stop.
+        std::thread::sleep(Duration::from_millis(400));
+        let at_wedge = pings.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(600));
+        assert_eq!(
+            pings.load(Ordering::SeqCst),
+            at_wedge,
+            "the watchdog was fed while the heartbeat was stale"
+        );
+        // Progress again: feeding resumes.
+        beat_for(Duration::from_millis(400));
+        assert!(
+            pings.load(Ordering::SeqCst) > at_wedge,
+            "feeding did not resume"
+        );
+        stop.store(true, Ordering::SeqCst);
+        feeder.join().unwrap();
+    }
 
     #[test]
     fn the_heartbeat_ages_until_the_next_beat() {
