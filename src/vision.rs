@@ -617,7 +617,6 @@ impl Preprocessor {
 pub struct VisionEncoder {
     runner: TractRunner,
     preprocessor: std::sync::Arc<Preprocessor>,
-    spec: ImageSpec,
     n_tokens: usize,
     n_embd: usize,
 }
@@ -637,7 +636,6 @@ impl VisionEncoder {
         Ok(Self {
             runner: TractRunner::new(plan),
             preprocessor: std::sync::Arc::new(Preprocessor::new(spec)),
-            spec: spec.clone(),
             n_tokens: got[0],
             n_embd,
         })
@@ -649,12 +647,12 @@ impl VisionEncoder {
     }
 
     pub fn spec(&self) -> &ImageSpec {
-        &self.spec
+        self.preprocessor.spec()
     }
 
     /// Encode preprocessed pixels (from [`preprocess`]) to `n_tokens * n_embd` floats.
     pub fn encode_pixels(&self, pixels: &[f32]) -> Result<Vec<f32>, VisionError> {
-        let s = self.spec.size as usize;
+        let s = self.spec().size as usize;
         let input = tract_ndarray::Array4::from_shape_vec((1, 3, s, s), pixels.to_vec())
             .map_err(|e| VisionError::Run(format!("pixel buffer: {e}")))?;
         let out = self
