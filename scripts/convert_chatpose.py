@@ -17,7 +17,8 @@ Steps (each prints a progress line):
  3. LLM → llm.gguf with llama.cpp's own convert_hf_to_gguf.py, taken from the llama.cpp that the
     llama-cpp-python source distribution vendors (downloaded once into a cache with pip);
  4. vision tower (hidden state of layer mm_vision_select_layer, patch tokens without CLS) +
-    projector → vision.onnx (torch's ONNX exporter);
+    projector → vision.onnx (torch's ONNX exporter; attention and quick-GELU written as fused
+    com.microsoft.MultiHeadAttention / QuickGelu nodes, which onnxruntime also runs);
  5. pose head → pose_head.onnx;
  6. posegpt.toml with what the checkpoint was trained with.
 Then: `posegpt-edge check --bundle OUT_BUNDLE_DIR`, and `posegpt-edge quantize` to shrink llm.gguf.
@@ -185,6 +186,75 @@ class VisionEncoder:
         return Module().eval()
 
 
+def fuse_for_export(tower) -> None:
+    """Swap the CLIP tower's attention blocks and quick-GELU activations, in place, for modules
+    that compute the same and that the ONNX exporter writes as one com.microsoft.MultiHeadAttention
+    / com.microsoft.QuickGelu node each, instead of a dozen matrix products, reshapes and
+    element-wise ops. posegpt-edge runs both as fused operators (src/vision/ops.rs), as does
+    onnxruntime; the attention alone was 17 % of a ViT-L/14-336 run when decomposed
+    (docs/performance.md)."""
+    import torch
+
+    class Mha(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, heads, scale):
+            b, s, w = q.shape
+            q, k, v = (t.view(b, -1, heads, w // heads).transpose(1, 2) for t in (q, k, v))
+            p = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)
+            return (p @ v).transpose(1, 2).reshape(b, s, -1)
+
+        @staticmethod
+        def symbolic(g, q, k, v, heads, scale):
+            return g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=heads,
+                        scale_f=scale)
+
+    class QuickGelu(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, alpha):
+            return x * torch.sigmoid(alpha * x)
+
+        @staticmethod
+        def symbolic(g, x, alpha):
+            return g.op("com.microsoft::QuickGelu", x, alpha_f=alpha)
+
+    class Attention(torch.nn.Module):
+        def __init__(self, a):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = a.q_proj, a.k_proj, a.v_proj
+            self.out_proj, self.heads, self.scale = a.out_proj, a.num_heads, a.scale
+
+        def forward(self, hidden_states, attention_mask=None, causal_attention_mask=None,
+                    output_attentions=False):
+            if attention_mask is not None or causal_attention_mask is not None:
+                raise ConvertError("the vision tower uses an attention mask; export it unfused")
+            x = hidden_states
+            o = Mha.apply(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, self.scale)
+            return self.out_proj(o), None
+
+    class Activation(torch.nn.Module):
+        def forward(self, x):
+            return QuickGelu.apply(x, 1.702)
+
+    for layer in tower.vision_model.encoder.layers:
+        layer.self_attn = Attention(layer.self_attn)
+        if type(layer.mlp.activation_fn).__name__ == "QuickGELUActivation":
+            layer.mlp.activation_fn = Activation()
+
+
+def export_encoder(encoder, size: int, path: Path) -> int:
+    """Export `encoder` (a VisionEncoder whose tower went through fuse_for_export) to `path`;
+    returns the number of image tokens it emits."""
+    import torch
+
+    dummy = torch.zeros(1, 3, size, size)
+    with torch.no_grad():
+        n_tokens = encoder(dummy).shape[0]
+        torch.onnx.export(encoder, (dummy,), str(path), input_names=["pixels"],
+                          output_names=["image_embeddings"], opset_version=17, dynamo=False,
+                          custom_opsets={"com.microsoft": 1})
+    return n_tokens
+
+
 # Encoders with more weight bytes than this keep them in a separate vision.onnx.data file: the
 # runtime then reads each tensor straight into place instead of holding the whole protobuf, its
 # decoded copy and the tensors at once (peak memory 1.1x the weights instead of 2.1x for a
@@ -254,13 +324,10 @@ def main():
                                     torch.nn.Linear(n_embd, n_embd))
     projector.load_state_dict({k.split("mm_projector.")[1]: v.float() for k, v in state.items()
                                if k.startswith("model.mm_projector.")})
+    fuse_for_export(tower)
     encoder = VisionEncoder(tower.float(), projector.eval(), cfg["mm_vision_select_layer"])
     size = vcfg.image_size
-    dummy = torch.zeros(1, 3, size, size)
-    with torch.no_grad():
-        n_tokens = encoder(dummy).shape[0]
-        torch.onnx.export(encoder, (dummy,), str(args.out / "vision.onnx"), input_names=["pixels"],
-                          output_names=["image_embeddings"], opset_version=17, dynamo=False)
+    n_tokens = export_encoder(encoder, size, args.out / "vision.onnx")
     if save_weights_beside(args.out / "vision.onnx"):
         print("      weights in vision.onnx.data (keep it next to vision.onnx)", flush=True)
 

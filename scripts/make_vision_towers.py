@@ -3,9 +3,10 @@
 
 Each is a CLIP vision tower at its published size, read at select layer -2 (patch tokens, no
 class token) and followed by the 2-layer GELU projector to a 4096-wide LLM, exported to ONNX
-as scripts/convert_chatpose.py exports a real one (opset 17, eager attention, input
-[1,3,S,S] "pixels", output [tokens, 4096] "image_embeddings", weights in NAME.onnx.data). The weights are random (seeded),
-so the files measure speed and memory, never accuracy.
+as scripts/convert_chatpose.py exports a real one (opset 17, attention and quick-GELU as fused
+com.microsoft nodes, input [1,3,S,S] "pixels", output [tokens, 4096] "image_embeddings",
+weights in NAME.onnx.data). The weights are random (seeded), so the files measure speed and
+memory, never accuracy.
 
     python scripts/make_vision_towers.py OUT_DIR [--towers vit-b16-224,vit-l14-336]
 
@@ -29,7 +30,8 @@ def export(name: str, out: Path) -> Path:
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from convert_chatpose import VisionEncoder, save_weights_beside
+    from convert_chatpose import (VisionEncoder, export_encoder, fuse_for_export,
+                                  save_weights_beside)
 
     hidden, layers, heads, mlp, size, patch = TOWERS[name]
     torch.manual_seed(20261125)
@@ -40,13 +42,10 @@ def export(name: str, out: Path) -> Path:
     tower = CLIPVisionModel(cfg).eval()
     projector = torch.nn.Sequential(torch.nn.Linear(hidden, LLM_WIDTH), torch.nn.GELU(),
                                     torch.nn.Linear(LLM_WIDTH, LLM_WIDTH)).eval()
+    fuse_for_export(tower)
     encoder = VisionEncoder(tower, projector, SELECT_LAYER)
     path = out / f"{name}.onnx"
-    dummy = torch.zeros(1, 3, size, size)
-    with torch.no_grad():
-        tokens = encoder(dummy).shape[0]
-        torch.onnx.export(encoder, (dummy,), str(path), input_names=["pixels"],
-                          output_names=["image_embeddings"], opset_version=17, dynamo=False)
+    tokens = export_encoder(encoder, size, path)
     save_weights_beside(path)
     n_params = sum(p.numel() for p in encoder.parameters())
     print(f"{path}: {n_params / 1e6:.1f} M parameters, {n_params * 4 / 1e6:.0f} MB f32, "

@@ -16,6 +16,8 @@
 //! each rounded and clipped to 8 bits. Generic bicubic filters differ from it by up to ~18
 //! levels on real images, which would move the pose.
 
+pub mod ops;
+
 use std::path::{Path, PathBuf};
 use tract_onnx::prelude::*;
 
@@ -456,7 +458,7 @@ fn load_plan_inner(
         path: path.to_path_buf(),
         reason,
     };
-    let model = tract_onnx::onnx().model_for_path(path).map_err(|e| {
+    let model = ops::onnx().model_for_path(path).map_err(|e| {
         let e = format!("{e:#}");
         let hint = if e.contains("external data") {
             "; its weights live in a separate file named in the message: keep it next to the .onnx"
