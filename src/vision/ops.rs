@@ -18,7 +18,9 @@ use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::NodeProto;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ndarray::{linalg::general_mat_mul, s, Array2, ArrayView2, Ix3};
+use tract_onnx::tract_core::ndarray::{
+    linalg::general_mat_mul, s, Array3, ArrayView2, ArrayViewMut2, ArrayViewMut3, Axis, Ix3,
+};
 use tract_onnx::tract_hir::internal::{
     check_input_arity, check_output_arity, expand, Expansion, InferenceOp, InferenceResult, Solver,
     TensorProxy,
@@ -88,22 +90,6 @@ fn layer_norm(ctx: &ParsingContext, node: &NodeProto) -> Built {
 fn quick_gelu(_ctx: &ParsingContext, node: &NodeProto) -> Built {
     let alpha = node.get_attr_opt::<f32>("alpha")?.unwrap_or(1.702);
     Ok((expand(QuickGeluExpansion { alpha }), vec![]))
-}
-
-/// Run `f` on every task, on tract's matrix-product threads when it has them.
-fn on_tract_threads<T, R, F>(tasks: &[T], f: F) -> Vec<R>
-where
-    T: Sync,
-    R: Send,
-    F: Fn(&T) -> R + Sync + Send,
-{
-    use rayon::prelude::*;
-    match current_tract_executor() {
-        Executor::MultiThread(pool) if tasks.len() > 1 => {
-            pool.install(|| tasks.par_iter().map(&f).collect())
-        }
-        _ => tasks.iter().map(f).collect(),
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -236,24 +222,30 @@ impl EvalOp for Attention {
         let (d, dv) = (width / self.heads, v.dim().2 / self.heads);
         let scale = self.scale.unwrap_or(1.0 / (d as f32).sqrt());
         let kernels = SoftmaxKernels::get()?;
-        let tasks: Vec<(usize, usize)> = (0..batch)
-            .flat_map(|b| (0..self.heads).map(move |h| (b, h)))
-            .collect();
-        let per_head = on_tract_threads(&tasks, |&(b, h)| {
-            attend(
-                q.slice(s![b, .., h * d..(h + 1) * d]),
-                k.slice(s![b, .., h * d..(h + 1) * d]),
-                v.slice(s![b, .., h * dv..(h + 1) * dv]),
-                scale,
-                &kernels,
-            )
-        });
-        let mut out =
-            tract_onnx::tract_core::ndarray::Array3::<f32>::zeros((batch, tokens, self.heads * dv));
-        for (&(b, h), head) in tasks.iter().zip(per_head) {
-            out.slice_mut(s![b, .., h * dv..(h + 1) * dv])
-                .assign(&head?);
+        let mut out = Array3::<f32>::zeros((batch, tokens, self.heads * dv));
+        // Each head writes its own column block of the output, all batches in turn.
+        let mut heads: Vec<_> = out.axis_chunks_iter_mut(Axis(2), dv).enumerate().collect();
+        let run = |(h, o): &mut (usize, ArrayViewMut3<f32>)| {
+            let h = *h;
+            (0..batch).try_for_each(|b| {
+                attend(
+                    q.slice(s![b, .., h * d..(h + 1) * d]),
+                    k.slice(s![b, .., h * d..(h + 1) * d]),
+                    v.slice(s![b, .., h * dv..(h + 1) * dv]),
+                    scale,
+                    &kernels,
+                    o.index_axis_mut(Axis(0), b),
+                )
+            })
+        };
+        match current_tract_executor() {
+            Executor::MultiThread(pool) => {
+                use rayon::prelude::*;
+                pool.install(|| heads.par_iter_mut().try_for_each(run))?
+            }
+            _ => heads.iter_mut().try_for_each(run)?,
         }
+        drop(heads);
         Ok(tvec!(out.into_tensor().into_tvalue()))
     }
 }
@@ -272,34 +264,45 @@ impl SoftmaxKernels {
     }
 }
 
-/// One head: `[tokens, d]` queries against `[keys, d]` keys and `[keys, dv]` values.
+thread_local! {
+    /// Each thread's attention-score block, kept from one head to the next.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// One head: `[tokens, d]` queries against `[keys, d]` keys and `[keys, dv]` values, into `out`
+/// (`[tokens, dv]`).
 fn attend(
     q: ArrayView2<f32>,
     k: ArrayView2<f32>,
     v: ArrayView2<f32>,
     scale: f32,
     kernels: &SoftmaxKernels,
-) -> TractResult<Array2<f32>> {
-    let mut scores = Array2::<f32>::zeros((q.nrows(), k.nrows()));
-    general_mat_mul(scale, &q, &k.t(), 0.0, &mut scores);
-    for mut row in scores.rows_mut() {
-        let row = row.as_slice_mut().context("score rows are contiguous")?;
-        let max = max8(row);
-        row.iter_mut().for_each(|x| *x -= max);
-    }
-    let all = scores
-        .as_slice_mut()
-        .context("the score block is contiguous")?;
-    kernels.exp.run(all)?;
-    let mut out = Array2::<f32>::zeros((q.nrows(), v.ncols()));
-    general_mat_mul(1.0, &scores, &v, 0.0, &mut out);
-    // Normalising the [tokens, dv] output instead of the [tokens, keys] weights: fewer products.
-    for (mut row, weights) in out.rows_mut().into_iter().zip(scores.rows()) {
-        let weights = weights.as_slice().context("score rows are contiguous")?;
-        let inv = 1.0 / sum8(weights, |x| x);
-        row.mapv_inplace(|x| x * inv);
-    }
-    Ok(out)
+    mut out: ArrayViewMut2<f32>,
+) -> TractResult<()> {
+    SCORES.with_borrow_mut(|buf| {
+        let (rows, keys) = (q.nrows(), k.nrows());
+        buf.resize(rows * keys, 0.0);
+        let mut scores = ArrayViewMut2::from_shape((rows, keys), &mut buf[..])?;
+        general_mat_mul(scale, &q, &k.t(), 0.0, &mut scores);
+        for mut row in scores.rows_mut() {
+            let row = row.as_slice_mut().context("score rows are contiguous")?;
+            let max = max8(row);
+            row.iter_mut().for_each(|x| *x -= max);
+        }
+        let all = scores
+            .as_slice_mut()
+            .context("the score block is contiguous")?;
+        kernels.exp.run(all)?;
+        general_mat_mul(1.0, &scores, &v, 0.0, &mut out);
+        // Normalising the [tokens, dv] output instead of the [tokens, keys] weights: fewer
+        // products.
+        for (mut row, weights) in out.rows_mut().into_iter().zip(scores.rows()) {
+            let weights = weights.as_slice().context("score rows are contiguous")?;
+            let inv = 1.0 / sum8(weights, |x| x);
+            row.mapv_inplace(|x| x * inv);
+        }
+        Ok(())
+    })
 }
 
 /// Maximum with eight independent lanes, so that it vectorises.
@@ -508,7 +511,7 @@ impl Expansion for QuickGeluExpansion {
     }
 }
 
-/// x · sigmoid(alpha · x), in one pass over cache-sized blocks.
+/// x · sigmoid(alpha · x), over cache-sized blocks.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuickGelu {
     pub alpha: f32,
@@ -539,16 +542,17 @@ impl EvalOp for QuickGelu {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let sigmoid = Func::Sigmoid.ew_f32()?;
+        // x·σ(αx) = silu(αx)/α: three in-place passes of tract's vectorised kernels per block.
+        let silu = Func::Silu.ew_f32()?;
+        let scale = Func::MulByScalar.ew_f32_param()?;
         let mut y = args_1!(inputs).into_tensor();
         let mut view = y.to_plain_array_view_mut::<f32>()?;
         let data = view.as_slice_mut().context("tensors are contiguous")?;
         let alpha = self.alpha;
         let gate = |block: &mut [f32]| -> TractResult<()> {
-            let mut s: Vec<f32> = block.iter().map(|&x| alpha * x).collect();
-            sigmoid.run(&mut s)?;
-            block.iter_mut().zip(&s).for_each(|(x, g)| *x *= g);
-            Ok(())
+            scale.run_with_params(block, alpha)?;
+            silu.run(block)?;
+            scale.run_with_params(block, 1.0 / alpha)
         };
         match current_tract_executor() {
             Executor::MultiThread(pool) => {
@@ -564,7 +568,7 @@ impl EvalOp for QuickGelu {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tract_onnx::tract_core::ndarray::{Array1, Array3, ArrayD};
+    use tract_onnx::tract_core::ndarray::{Array1, ArrayD};
 
     /// Deterministic values in [-amp, amp).
     fn values(n: usize, seed: u64, amp: f32) -> Vec<f32> {
