@@ -12,15 +12,15 @@
 
 use std::sync::OnceLock;
 
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
 use tract_linalg::multithread::{current_tract_executor, Executor};
 use tract_linalg::Func;
 use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::NodeProto;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ndarray::{
-    linalg::general_mat_mul, s, Array3, ArrayView2, ArrayViewMut2, ArrayViewMut3, Axis, Ix3,
-};
+use tract_onnx::tract_core::ndarray::{Array3, ArrayViewMut2, ArrayViewMut3, Axis};
 use tract_onnx::tract_hir::internal::{
     check_input_arity, check_output_arity, expand, Expansion, InferenceOp, InferenceResult, Solver,
     TensorProxy,
@@ -209,18 +209,21 @@ impl EvalOp for Attention {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let (q, k, v) = args_3!(inputs);
-        let q = q
-            .to_plain_array_view::<f32>()?
-            .into_dimensionality::<Ix3>()?;
-        let k = k
-            .to_plain_array_view::<f32>()?
-            .into_dimensionality::<Ix3>()?;
-        let v = v
-            .to_plain_array_view::<f32>()?
-            .into_dimensionality::<Ix3>()?;
-        let (batch, tokens, width) = q.dim();
-        let (d, dv) = (width / self.heads, v.dim().2 / self.heads);
+        let (q, k, v) = (
+            q.to_plain_array_view::<f32>()?,
+            k.to_plain_array_view::<f32>()?,
+            v.to_plain_array_view::<f32>()?,
+        );
+        let (batch, tokens, width) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+        let (keys, width_v) = (k.shape()[1], v.shape()[2]);
+        let (d, dv) = (width / self.heads, width_v / self.heads);
         let scale = self.scale.unwrap_or(1.0 / (d as f32).sqrt());
+        let contiguous = "attention inputs are contiguous";
+        let (q, k, v) = (
+            q.as_slice().context(contiguous)?,
+            k.as_slice().context(contiguous)?,
+            v.as_slice().context(contiguous)?,
+        );
         let kernels = SoftmaxKernels::get()?;
         let mut out = Array3::<f32>::zeros((batch, tokens, self.heads * dv));
         // Each head writes its own column block of the output, all batches in turn.
@@ -229,9 +232,9 @@ impl EvalOp for Attention {
             let h = *h;
             (0..batch).try_for_each(|b| {
                 attend(
-                    q.slice(s![b, .., h * d..(h + 1) * d]),
-                    k.slice(s![b, .., h * d..(h + 1) * d]),
-                    v.slice(s![b, .., h * dv..(h + 1) * dv]),
+                    head(q, b, h, tokens, width, d),
+                    head(k, b, h, keys, width, d),
+                    head(v, b, h, keys, width_v, dv),
                     scale,
                     &kernels,
                     o.index_axis_mut(Axis(0), b),
@@ -265,41 +268,52 @@ impl SoftmaxKernels {
 }
 
 thread_local! {
-    /// Each thread's attention-score block, kept from one head to the next.
-    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Each thread's attention-score block and head output, kept from one head to the next.
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Head `h` of batch `b`: columns h·d..(h+1)·d of a row-major `[rows, width]` block.
+fn head(data: &[f32], b: usize, h: usize, rows: usize, width: usize, d: usize) -> MatRef<'_, f32> {
+    let start = b * rows * width + h * d;
+    let end = start + (rows - 1) * width + d;
+    MatRef::from_row_major_slice_with_stride(&data[start..end], rows, d, width)
 }
 
 /// One head: `[tokens, d]` queries against `[keys, d]` keys and `[keys, dv]` values, into `out`
 /// (`[tokens, dv]`).
 fn attend(
-    q: ArrayView2<f32>,
-    k: ArrayView2<f32>,
-    v: ArrayView2<f32>,
+    q: MatRef<f32>,
+    k: MatRef<f32>,
+    v: MatRef<f32>,
     scale: f32,
     kernels: &SoftmaxKernels,
     mut out: ArrayViewMut2<f32>,
 ) -> TractResult<()> {
-    SCORES.with_borrow_mut(|buf| {
-        let (rows, keys) = (q.nrows(), k.nrows());
-        buf.resize(rows * keys, 0.0);
-        let mut scores = ArrayViewMut2::from_shape((rows, keys), &mut buf[..])?;
-        general_mat_mul(scale, &q, &k.t(), 0.0, &mut scores);
-        for mut row in scores.rows_mut() {
-            let row = row.as_slice_mut().context("score rows are contiguous")?;
+    SCRATCH.with_borrow_mut(|(scores, values)| {
+        let (rows, keys, dv) = (q.nrows(), k.nrows(), v.ncols());
+        scores.resize(rows * keys, 0.0);
+        values.resize(rows * dv, 0.0);
+        let s = MatMut::from_row_major_slice_mut(&mut scores[..], rows, keys);
+        matmul(s, Accum::Replace, q, k.transpose(), scale, Par::Seq);
+        for row in scores.chunks_exact_mut(keys) {
             let max = max8(row);
             row.iter_mut().for_each(|x| *x -= max);
         }
-        let all = scores
-            .as_slice_mut()
-            .context("the score block is contiguous")?;
-        kernels.exp.run(all)?;
-        general_mat_mul(1.0, &scores, &v, 0.0, &mut out);
+        kernels.exp.run(scores)?;
+        let s = MatRef::from_row_major_slice(&scores[..], rows, keys);
+        let o = MatMut::from_row_major_slice_mut(&mut values[..], rows, dv);
+        matmul(o, Accum::Replace, s, v, 1.0, Par::Seq);
         // Normalising the [tokens, dv] output instead of the [tokens, keys] weights: fewer
         // products.
-        for (mut row, weights) in out.rows_mut().into_iter().zip(scores.rows()) {
-            let weights = weights.as_slice().context("score rows are contiguous")?;
+        for ((mut row, weights), value) in out
+            .rows_mut()
+            .into_iter()
+            .zip(scores.chunks_exact(keys))
+            .zip(values.chunks_exact(dv))
+        {
             let inv = 1.0 / sum8(weights, |x| x);
-            row.mapv_inplace(|x| x * inv);
+            row.iter_mut().zip(value).for_each(|(o, x)| *o = x * inv);
         }
         Ok(())
     })
@@ -568,7 +582,7 @@ impl EvalOp for QuickGelu {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tract_onnx::tract_core::ndarray::{Array1, ArrayD};
+    use tract_onnx::tract_core::ndarray::{Array1, ArrayD, Ix3};
 
     /// Deterministic values in [-amp, amp).
     fn values(n: usize, seed: u64, amp: f32) -> Vec<f32> {
