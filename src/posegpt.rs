@@ -87,6 +87,10 @@ pub struct Timings {
     pub prefill_ms: f64,
     pub generate_ms: f64,
     pub head_ms: f64,
+    /// The part of `head_ms` spent in the pose head network itself (tract); the rest is
+    /// 6D → axis-angle, the joints and P(pose token). For benchmarks, not in messages.
+    #[serde(skip)]
+    pub head_network_ms: f64,
     pub total_ms: f64,
     /// Prompt positions, and how many came from the KV cache.
     pub prompt_positions: usize,
@@ -257,10 +261,11 @@ impl PoseGpt {
             what: "hidden state",
         })?;
         let confidence = crate::llm::probability_of(&out.logits, self.bundle.pose_token);
-        let pose = self.head_pose(hidden, confidence)?;
+        let (pose, head_network_ms) = self.head_pose_timed(hidden, confidence)?;
         let timings = Timings {
             prefill_ms: ms(t1 - t0),
             head_ms: ms(t1.elapsed()),
+            head_network_ms,
             prompt_positions: out.position + 1,
             reused_positions: self.session.last_reused_positions(),
             ..Timings::default()
@@ -270,7 +275,18 @@ impl PoseGpt {
 
     /// Run the pose head on a hidden state.
     pub fn head_pose(&self, hidden: Vec<f32>, confidence: f32) -> Result<Pose, PoseGptError> {
+        Ok(self.head_pose_timed(hidden, confidence)?.0)
+    }
+
+    /// [`PoseGpt::head_pose`], with the milliseconds the head network took.
+    fn head_pose_timed(
+        &self,
+        hidden: Vec<f32>,
+        confidence: f32,
+    ) -> Result<(Pose, f64), PoseGptError> {
+        let t = Instant::now();
         let raw = self.bundle.head.run(&hidden)?;
+        let network_ms = ms(t.elapsed());
         let smpl = SmplPose::from_rot6d(&raw);
         let joints = match as_joint_rotations(&smpl.rotmats) {
             Some(local) => self
@@ -281,13 +297,14 @@ impl PoseGpt {
                 .to_vec(),
             None => Vec::new(),
         };
-        Ok(Pose {
+        let pose = Pose {
             smpl,
             joints,
             confidence,
             raw,
             hidden,
-        })
+        };
+        Ok((pose, network_ms))
     }
 
     /// Chat about people: a question, optionally an image, optionally a conversation id whose
@@ -340,8 +357,11 @@ impl PoseGpt {
         let generation = self.session.generate(&segments, &params)?;
         let t2 = Instant::now();
         let mut poses = Vec::with_capacity(generation.captured.len());
+        let mut head_network_ms = 0.0;
         for c in &generation.captured {
-            poses.push(self.head_pose(c.hidden.clone(), c.probability)?);
+            let (pose, net_ms) = self.head_pose_timed(c.hidden.clone(), c.probability)?;
+            poses.push(pose);
+            head_network_ms += net_ms;
         }
         let text = generation.text.trim().to_string();
         if let Some(id) = conversation {
@@ -365,6 +385,7 @@ impl PoseGpt {
                 prefill_ms: ms(generation.prefill_time),
                 generate_ms: ms(generation.generate_time),
                 head_ms: ms(t2.elapsed()),
+                head_network_ms,
                 total_ms: ms(t0.elapsed()),
                 prompt_positions: generation.prompt_positions,
                 reused_positions: generation.reused_positions,

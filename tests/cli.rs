@@ -229,12 +229,27 @@ fn bench_reports_every_stage_and_bench_llm_reports_pp_and_tg() {
         "vision encoder",
         "LLM prefill",
         "pose head",
+        "pose head: network part",
         "joints (FK)",
         "JSON encoding",
         "frame total",
     ] {
         assert!(stages.contains(&want), "{want} missing from {stages:?}");
     }
+    // The head network's time is part of each frame's head stage, so its median cannot exceed
+    // the stage's.
+    let median = |name: &str| {
+        v["pose"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["stage"] == name)
+            .unwrap()["median_ms"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(median("pose head: network part") <= median("pose head"));
+    assert!(median("pose head: network part") > 0.0);
     for s in v["pose"].as_array().unwrap() {
         let (m, p) = (
             s["median_ms"].as_f64().unwrap(),

@@ -92,6 +92,33 @@ fn quick_gelu(_ctx: &ParsingContext, node: &NodeProto) -> Built {
     Ok((expand(QuickGeluExpansion { alpha }), vec![]))
 }
 
+/// Shape rules of an op with `arity` inputs whose one output has its first input's type and
+/// shape.
+fn like_first_input<'r, 'p: 'r>(
+    s: &mut Solver<'r>,
+    inputs: &'p [TensorProxy],
+    outputs: &'p [TensorProxy],
+    arity: usize,
+) -> InferenceResult {
+    check_input_arity(inputs, arity)?;
+    check_output_arity(outputs, 1)?;
+    s.equals(&inputs[0].datum_type, &outputs[0].datum_type)?;
+    s.equals(&inputs[0].shape, &outputs[0].shape)?;
+    Ok(())
+}
+
+/// Multiply-adds below which an attention runs on the calling thread: handing work to tract's
+/// pool costs tens of microseconds, more than a small tower's whole attention.
+const MIN_PARALLEL_WORK: usize = 1 << 21;
+
+/// tract's matrix-product thread pool, when it has one and `worth_it`.
+fn tract_pool(worth_it: bool) -> Option<std::sync::Arc<rayon::ThreadPool>> {
+    match current_tract_executor() {
+        Executor::MultiThread(pool) if worth_it => Some(pool),
+        _ => None,
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Attention
 
@@ -241,12 +268,13 @@ impl EvalOp for Attention {
                 )
             })
         };
-        match current_tract_executor() {
-            Executor::MultiThread(pool) => {
+        let products = batch * self.heads * tokens * keys * (d + dv);
+        match tract_pool(products >= MIN_PARALLEL_WORK) {
+            Some(pool) => {
                 use rayon::prelude::*;
                 pool.install(|| heads.par_iter_mut().try_for_each(run))?
             }
-            _ => heads.iter_mut().try_for_each(run)?,
+            None => heads.iter_mut().try_for_each(run)?,
         }
         drop(heads);
         Ok(tvec!(out.into_tensor().into_tvalue()))
@@ -354,11 +382,7 @@ impl Expansion for LayerNormExpansion {
         inputs: &'p [TensorProxy],
         outputs: &'p [TensorProxy],
     ) -> InferenceResult {
-        check_input_arity(inputs, 3)?;
-        check_output_arity(outputs, 1)?;
-        s.equals(&inputs[0].datum_type, &outputs[0].datum_type)?;
-        s.equals(&inputs[0].shape, &outputs[0].shape)?;
-        Ok(())
+        like_first_input(s, inputs, outputs, 3)
     }
 
     fn wire(
@@ -446,15 +470,15 @@ impl EvalOp for LayerNorm {
                 normalise_row(row, &scale, &bias, eps);
             }
         };
-        match current_tract_executor() {
-            Executor::MultiThread(pool) => {
+        match tract_pool(data.len() > width * NORM_ROWS_PER_TASK) {
+            Some(pool) => {
                 use rayon::prelude::*;
                 pool.install(|| {
                     data.par_chunks_mut(width * NORM_ROWS_PER_TASK)
                         .for_each(norm)
                 })
             }
-            _ => norm(data),
+            None => norm(data),
         }
         Ok(tvec!(y.into_tvalue()))
     }
@@ -502,11 +526,7 @@ impl Expansion for QuickGeluExpansion {
         inputs: &'p [TensorProxy],
         outputs: &'p [TensorProxy],
     ) -> InferenceResult {
-        check_input_arity(inputs, 1)?;
-        check_output_arity(outputs, 1)?;
-        s.equals(&inputs[0].datum_type, &outputs[0].datum_type)?;
-        s.equals(&inputs[0].shape, &outputs[0].shape)?;
-        Ok(())
+        like_first_input(s, inputs, outputs, 1)
     }
 
     fn wire(
@@ -568,12 +588,12 @@ impl EvalOp for QuickGelu {
             silu.run(block)?;
             scale.run_with_params(block, 1.0 / alpha)
         };
-        match current_tract_executor() {
-            Executor::MultiThread(pool) => {
+        match tract_pool(data.len() > GELU_BLOCK) {
+            Some(pool) => {
                 use rayon::prelude::*;
                 pool.install(|| data.par_chunks_mut(GELU_BLOCK).try_for_each(gate))?
             }
-            _ => data.chunks_mut(GELU_BLOCK).try_for_each(gate)?,
+            None => data.chunks_mut(GELU_BLOCK).try_for_each(gate)?,
         }
         Ok(tvec!(y.into_tvalue()))
     }
