@@ -251,7 +251,7 @@ impl EvalOp for Attention {
             k.as_slice().context(contiguous)?,
             v.as_slice().context(contiguous)?,
         );
-        let kernels = SoftmaxKernels::get()?;
+        let exp = Func::Exp.ew_f32()?;
         let mut out = Array3::<f32>::zeros((batch, tokens, self.heads * dv));
         // Each head writes its own column block of the output, all batches in turn.
         let mut heads: Vec<_> = out.axis_chunks_iter_mut(Axis(2), dv).enumerate().collect();
@@ -263,7 +263,7 @@ impl EvalOp for Attention {
                     head(k, b, h, keys, width, d),
                     head(v, b, h, keys, width_v, dv),
                     scale,
-                    &kernels,
+                    &exp,
                     o.index_axis_mut(Axis(0), b),
                 )
             })
@@ -283,17 +283,7 @@ impl EvalOp for Attention {
 
 /// tract's vectorised exponential, run over a whole score block at once (one call per row costs
 /// more than the exponentials of a 197-token row).
-struct SoftmaxKernels {
-    exp: Box<dyn tract_linalg::element_wise::ElementWise<f32>>,
-}
-
-impl SoftmaxKernels {
-    fn get() -> TractResult<SoftmaxKernels> {
-        Ok(SoftmaxKernels {
-            exp: Func::Exp.ew_f32()?,
-        })
-    }
-}
+type Exp = Box<dyn tract_linalg::element_wise::ElementWise<f32>>;
 
 thread_local! {
     /// Each thread's attention-score block and head output, kept from one head to the next.
@@ -315,7 +305,7 @@ fn attend(
     k: MatRef<f32>,
     v: MatRef<f32>,
     scale: f32,
-    kernels: &SoftmaxKernels,
+    exp: &Exp,
     mut out: ArrayViewMut2<f32>,
 ) -> TractResult<()> {
     SCRATCH.with_borrow_mut(|(scores, values)| {
@@ -328,7 +318,7 @@ fn attend(
             let max = max8(row);
             row.iter_mut().for_each(|x| *x -= max);
         }
-        kernels.exp.run(scores)?;
+        exp.run(scores)?;
         let s = MatRef::from_row_major_slice(&scores[..], rows, keys);
         let o = MatMut::from_row_major_slice_mut(&mut values[..], rows, dv);
         matmul(o, Accum::Replace, s, v, 1.0, Par::Seq);
