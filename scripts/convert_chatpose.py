@@ -241,6 +241,46 @@ def fuse_for_export(tower) -> None:
             layer.mlp.activation_fn = Activation()
 
 
+# Linear layers with more weight bytes than this are exported as column blocks of at most this size,
+# joined by a Concat. The runtime repacks each weight matrix once while loading, holding the
+# original and the packed copy together for a moment: with a 4096x4096 projector layer (64 MiB)
+# that moment set the whole load's peak memory (docs/performance.md).
+SPLIT_LINEAR_BYTES = 32 << 20
+
+
+def split_wide_linears(module, max_bytes: int = SPLIT_LINEAR_BYTES) -> int:
+    """Replace, in place, each torch.nn.Linear under `module` whose f32 weight exceeds
+    `max_bytes` by one that computes the same output in column blocks; returns how many."""
+    import torch
+
+    class Blocks(torch.nn.Module):
+        def __init__(self, linear, parts):
+            super().__init__()
+            out = linear.out_features
+            bounds = [out * i // parts for i in range(parts + 1)]
+            self.parts = torch.nn.ModuleList()
+            for lo, hi in zip(bounds, bounds[1:]):
+                part = torch.nn.Linear(linear.in_features, hi - lo, bias=linear.bias is not None)
+                with torch.no_grad():
+                    part.weight.copy_(linear.weight[lo:hi])
+                    if linear.bias is not None:
+                        part.bias.copy_(linear.bias[lo:hi])
+                self.parts.append(part)
+
+        def forward(self, x):
+            return torch.cat([p(x) for p in self.parts], dim=-1)
+
+    count = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, torch.nn.Linear) and child.weight.numel() * 4 > max_bytes:
+            parts = -(-child.weight.numel() * 4 // max_bytes)
+            setattr(module, name, Blocks(child, parts))
+            count += 1
+        else:
+            count += split_wide_linears(child, max_bytes)
+    return count
+
+
 def export_encoder(encoder, size: int, path: Path) -> int:
     """Export `encoder` (a VisionEncoder whose tower went through fuse_for_export) to `path`;
     returns the number of image tokens it emits."""
@@ -326,6 +366,7 @@ def main():
                                if k.startswith("model.mm_projector.")})
     fuse_for_export(tower)
     encoder = VisionEncoder(tower.float(), projector.eval(), cfg["mm_vision_select_layer"])
+    split_wide_linears(encoder)
     size = vcfg.image_size
     n_tokens = export_encoder(encoder, size, args.out / "vision.onnx")
     if save_weights_beside(args.out / "vision.onnx"):

@@ -4,8 +4,8 @@
 Each is a CLIP vision tower at its published size, read at select layer -2 (patch tokens, no
 class token) and followed by the 2-layer GELU projector to a 4096-wide LLM, exported to ONNX
 as scripts/convert_chatpose.py exports a real one (opset 17, attention and quick-GELU as fused
-com.microsoft nodes, input [1,3,S,S] "pixels", output [tokens, 4096] "image_embeddings",
-weights in NAME.onnx.data). The weights are random (seeded), so the files measure speed and
+com.microsoft nodes, the 4096x4096 projector layer as two column blocks, input [1,3,S,S]
+"pixels", output [tokens, 4096] "image_embeddings", weights in NAME.onnx.data). The weights are random (seeded), so the files measure speed and
 memory, never accuracy.
 
     python scripts/make_vision_towers.py OUT_DIR [--towers vit-b16-224,vit-l14-336]
@@ -31,7 +31,7 @@ def export(name: str, out: Path) -> Path:
 
     sys.path.insert(0, str(Path(__file__).parent))
     from convert_chatpose import (VisionEncoder, export_encoder, fuse_for_export,
-                                  save_weights_beside)
+                                  save_weights_beside, split_wide_linears)
 
     hidden, layers, heads, mlp, size, patch = TOWERS[name]
     torch.manual_seed(20261125)
@@ -44,6 +44,7 @@ def export(name: str, out: Path) -> Path:
                                     torch.nn.Linear(LLM_WIDTH, LLM_WIDTH)).eval()
     fuse_for_export(tower)
     encoder = VisionEncoder(tower, projector, SELECT_LAYER)
+    split_wide_linears(encoder)
     path = out / f"{name}.onnx"
     tokens = export_encoder(encoder, size, path)
     save_weights_beside(path)
