@@ -318,16 +318,42 @@ def save_weights_beside(path: Path, min_bytes: int = EXTERNAL_DATA_MIN_BYTES) ->
     return True
 
 
+def write_vision(clip: Path, cfg, state, out: Path, split_bytes: int = SPLIT_LINEAR_BYTES) -> int:
+    """The CLIP tower at `clip` plus the checkpoint's projector -> `out`/vision.onnx (and .data
+    when large); returns the number of image tokens."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    n_embd = cfg["hidden_size"]
+    proj0 = state["model.mm_projector.0.weight"]
+    tower = CLIPVisionModel.from_pretrained(clip, attn_implementation="eager").eval()
+    projector = torch.nn.Sequential(torch.nn.Linear(proj0.shape[1], n_embd), torch.nn.GELU(),
+                                    torch.nn.Linear(n_embd, n_embd))
+    projector.load_state_dict({k.split("mm_projector.")[1]: v.float() for k, v in state.items()
+                               if k.startswith("model.mm_projector.")})
+    fuse_for_export(tower)
+    encoder = VisionEncoder(tower.float(), projector.eval(), cfg["mm_vision_select_layer"])
+    split_wide_linears(encoder, split_bytes)
+    n_tokens = export_encoder(encoder, CLIPVisionConfig.from_pretrained(clip).image_size,
+                              out / "vision.onnx")
+    if save_weights_beside(out / "vision.onnx"):
+        print("      weights in vision.onnx.data (keep it next to vision.onnx)", flush=True)
+    return n_tokens
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint", type=Path)
     ap.add_argument("--clip", type=Path, required=True, help="CLIP vision checkpoint folder")
     ap.add_argument("out", type=Path, help="bundle folder to write")
     ap.add_argument("--outtype", choices=["f16", "f32"], default="f16")
+    ap.add_argument("--split-linear-bytes", type=int, default=SPLIT_LINEAR_BYTES,
+                    help="export linear layers with more weight bytes than this as column blocks "
+                         f"(lower load-time peak memory; default {SPLIT_LINEAR_BYTES >> 20} MiB)")
     args = ap.parse_args()
 
     import torch
-    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from transformers import CLIPVisionConfig
 
     step(1, f"checking {args.checkpoint}")
     cfg, state = check_checkpoint(args.checkpoint)
@@ -359,18 +385,8 @@ def main():
             raise ConvertError("llama.cpp's converter failed:\n" + done.stderr[-3000:])
 
     step(4, "vision tower + projector -> vision.onnx")
-    tower = CLIPVisionModel.from_pretrained(args.clip, attn_implementation="eager").eval()
-    projector = torch.nn.Sequential(torch.nn.Linear(proj0.shape[1], n_embd), torch.nn.GELU(),
-                                    torch.nn.Linear(n_embd, n_embd))
-    projector.load_state_dict({k.split("mm_projector.")[1]: v.float() for k, v in state.items()
-                               if k.startswith("model.mm_projector.")})
-    fuse_for_export(tower)
-    encoder = VisionEncoder(tower.float(), projector.eval(), cfg["mm_vision_select_layer"])
-    split_wide_linears(encoder)
     size = vcfg.image_size
-    n_tokens = export_encoder(encoder, size, args.out / "vision.onnx")
-    if save_weights_beside(args.out / "vision.onnx"):
-        print("      weights in vision.onnx.data (keep it next to vision.onnx)", flush=True)
+    n_tokens = write_vision(args.clip, cfg, state, args.out, args.split_linear_bytes)
 
     step(5, "pose head -> pose_head.onnx")
     head = torch.nn.Sequential(torch.nn.Linear(n_embd, n_embd), torch.nn.ReLU(),

@@ -20,7 +20,12 @@ state at the position before [SEG] → pose head → 6D → rotation matrices; p
     venv/bin/pip install -r scripts/requirements-convert.txt
     venv/bin/python scripts/make_tiny_chatpose.py --out /tmp/chatpose-tiny
     venv/bin/python scripts/convert_chatpose.py /tmp/chatpose-tiny/checkpoint \
-        --clip /tmp/chatpose-tiny/clip models/test-chatpose-tiny --outtype f32
+        --clip /tmp/chatpose-tiny/clip models/test-chatpose-tiny --outtype f32 \
+        --split-linear-bytes 6000
+
+(--split-linear-bytes 6000 makes the converter write the tiny tower's MLP and projector layers as
+column blocks, two and three of them, as it writes a real projector's, so the parity test covers
+that form too.)
 """
 
 from __future__ import annotations
