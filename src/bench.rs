@@ -234,7 +234,8 @@ pub fn llm_bench(
             .with_context(|| format!("cannot load {}", gguf.display()))?,
     );
     let params = SessionParams {
-        n_ctx: (n_prompt.max(n_gen) + 16) as u32,
+        // As llama-bench sizes its context: prompt plus generation.
+        n_ctx: (n_prompt + n_gen).max(1) as u32,
         n_batch: 2048,
         n_threads: threads as i32,
         n_threads_batch: threads as i32,
