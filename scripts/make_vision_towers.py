@@ -5,8 +5,8 @@ Each is a CLIP vision tower at its published size, read at select layer -2 (patc
 class token) and followed by the 2-layer GELU projector to a 4096-wide LLM, exported to ONNX
 as scripts/convert_chatpose.py exports a real one (opset 17, attention and quick-GELU as fused
 com.microsoft nodes, the 4096x4096 projector layer as two column blocks, input [1,3,S,S]
-"pixels", output [tokens, 4096] "image_embeddings", weights in NAME.onnx.data). The weights are random (seeded), so the files measure speed and
-memory, never accuracy.
+"pixels", output [tokens, 4096] "image_embeddings", weights in NAME.onnx.data). The weights are
+random (seeded), so the files measure speed and memory, never accuracy.
 
     python scripts/make_vision_towers.py OUT_DIR [--towers vit-b16-224,vit-l14-336]
 
@@ -30,8 +30,7 @@ def export(name: str, out: Path) -> Path:
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from convert_chatpose import (VisionEncoder, export_encoder, fuse_for_export,
-                                  save_weights_beside, split_wide_linears)
+    from convert_chatpose import export_vision
 
     hidden, layers, heads, mlp, size, patch = TOWERS[name]
     torch.manual_seed(20261125)
@@ -42,13 +41,9 @@ def export(name: str, out: Path) -> Path:
     tower = CLIPVisionModel(cfg).eval()
     projector = torch.nn.Sequential(torch.nn.Linear(hidden, LLM_WIDTH), torch.nn.GELU(),
                                     torch.nn.Linear(LLM_WIDTH, LLM_WIDTH)).eval()
-    fuse_for_export(tower)
-    encoder = VisionEncoder(tower, projector, SELECT_LAYER)
-    split_wide_linears(encoder)
+    n_params = sum(p.numel() for m in (tower, projector) for p in m.parameters())
     path = out / f"{name}.onnx"
-    tokens = export_encoder(encoder, size, path)
-    save_weights_beside(path)
-    n_params = sum(p.numel() for p in encoder.parameters())
+    tokens = export_vision(tower, projector, SELECT_LAYER, size, path)
     print(f"{path}: {n_params / 1e6:.1f} M parameters, {n_params * 4 / 1e6:.0f} MB f32, "
           f"input {size}x{size}, {tokens} tokens x {LLM_WIDTH}")
     return path
