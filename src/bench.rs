@@ -321,11 +321,11 @@ pub struct VisionBench {
     pub rss_after_load_bytes: u64,
     /// Peak resident memory of the whole process (VmHWM), load included.
     pub peak_rss_bytes: u64,
-    /// With `profile`: time per kind of operator over one run, largest first.
+    /// With `profile`: time per kind of operator (median over the runs), largest first.
     pub profile: Vec<OpTime>,
 }
 
-/// Time spent in one kind of tract operator during one run.
+/// Time spent in one kind of tract operator during a run.
 #[derive(Debug, Clone, Serialize)]
 pub struct OpTime {
     pub op: String,
@@ -334,35 +334,56 @@ pub struct OpTime {
     pub share: f64,
 }
 
-/// Run the plan once, timing every node; sum by operator name.
+/// Run the plan `runs` times on one run state (after a warm-up run), timing every node; per
+/// operator name, the median over the runs of its summed time.
 fn profile_run(
     plan: &std::sync::Arc<tract_onnx::prelude::TypedRunnableModel>,
     input: &tract_onnx::prelude::Tensor,
+    runs: usize,
 ) -> Result<Vec<OpTime>> {
-    use std::collections::HashMap;
-    let mut by_op: HashMap<String, (std::collections::HashSet<usize>, f64)> = HashMap::new();
+    use std::collections::{HashMap, HashSet};
+    let mut nodes: HashMap<String, HashSet<usize>> = HashMap::new();
+    let mut per_run: Vec<HashMap<String, f64>> = Vec::new();
     let mut state = plan.spawn()?;
-    state.run_plan_with_eval(
-        tvec![input.clone().into()],
-        |ctx, op_state, node, inputs| {
-            let t = Instant::now();
-            let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs);
-            let e = by_op.entry(node.op().name().to_string()).or_default();
-            e.0.insert(node.id);
-            e.1 += t.elapsed().as_secs_f64() * 1e3;
-            out
-        },
-    )?;
-    let total: f64 = by_op.values().map(|v| v.1).sum();
-    let mut ops: Vec<OpTime> = by_op
+    for run in 0..=runs.max(1) {
+        let mut by_op: HashMap<String, f64> = HashMap::new();
+        // On tract's pool, as the encoder runs (vision::on_tract_pool).
+        crate::vision::on_tract_pool(|| {
+            state.run_plan_with_eval(
+                tvec![input.clone().into()],
+                |ctx, op_state, node, inputs| {
+                    let t = Instant::now();
+                    let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs);
+                    let name = node.op().name().to_string();
+                    *by_op.entry(name.clone()).or_default() += t.elapsed().as_secs_f64() * 1e3;
+                    nodes.entry(name).or_default().insert(node.id);
+                    out
+                },
+            )
+        })?;
+        if run > 0 {
+            per_run.push(by_op);
+        }
+    }
+    let mut ops: Vec<OpTime> = nodes
         .into_iter()
-        .map(|(op, (nodes, ms))| OpTime {
-            op,
-            nodes: nodes.len(),
-            ms,
-            share: ms / total.max(1e-9),
+        .map(|(op, ids)| {
+            let times: Vec<f64> = per_run
+                .iter()
+                .map(|r| r.get(&op).copied().unwrap_or(0.0))
+                .collect();
+            OpTime {
+                ms: stat(&op, times).median_ms,
+                op,
+                nodes: ids.len(),
+                share: 0.0,
+            }
         })
         .collect();
+    let total: f64 = ops.iter().map(|o| o.ms).sum();
+    for o in &mut ops {
+        o.share = o.ms / total.max(1e-9);
+    }
     ops.sort_by(|a, b| b.ms.total_cmp(&a.ms));
     Ok(ops)
 }
@@ -402,6 +423,83 @@ fn onnx_weight_bytes(path: &Path) -> Result<u64> {
         .sum())
 }
 
+/// A loaded vision encoder with its input, ready to be run as the daemon runs it.
+struct VisionUnderTest {
+    plan: std::sync::Arc<tract_onnx::prelude::TypedRunnableModel>,
+    runner: crate::vision::TractRunner,
+    input: tract_onnx::prelude::Tensor,
+    size: usize,
+    output: Vec<usize>,
+    load_s: f64,
+}
+
+impl VisionUnderTest {
+    fn load(onnx: &Path, threads: usize) -> Result<Self> {
+        crate::set_tract_threads(threads);
+        let t = Instant::now();
+        let (plan, output) = crate::vision::load_plan(onnx, None)?;
+        let load_s = t.elapsed().as_secs_f64();
+        let size = plan
+            .model()
+            .input_fact(0)?
+            .shape
+            .as_concrete()
+            .map_or(0, |d| d[3]);
+        // Deterministic pseudo-random pixels in about [-2, 2] (normalised-image range).
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let pixels: Vec<f32> = (0..3 * size * size)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+            })
+            .collect();
+        let input = tract_onnx::prelude::Tensor::from_shape(&[1, 3, size, size], &pixels)?;
+        // The run state is kept from one run to the next, as the daemon's encoder keeps it.
+        let runner = crate::vision::TractRunner::new(plan.clone());
+        Ok(Self {
+            plan,
+            runner,
+            input,
+            size,
+            output,
+            load_s,
+        })
+    }
+
+    /// One run, in milliseconds.
+    fn run_ms(&self) -> Result<f64> {
+        let t = Instant::now();
+        self.runner.run(tvec![self.input.clone().into()])?;
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    }
+}
+
+/// Run a vision encoder ONNX file once per line read from `commands`, after one warm-up run,
+/// writing each run's milliseconds as a line to `times`; stops at the end of `commands`.
+/// A driver that alternates this with another runtime (`scripts/bench_vision_paired.py`)
+/// gets pairs of runs taken seconds apart, which share the machine's state.
+pub fn vision_paced(
+    onnx: &Path,
+    threads: usize,
+    commands: impl std::io::BufRead,
+    mut times: impl std::io::Write,
+) -> Result<usize> {
+    let vision = VisionUnderTest::load(onnx, threads)?;
+    vision.run_ms()?;
+    writeln!(times, "ready")?;
+    times.flush()?;
+    let mut runs = 0;
+    for line in commands.lines() {
+        line.context("reading the next command")?;
+        writeln!(times, "{:.3}", vision.run_ms()?)?;
+        times.flush()?;
+        runs += 1;
+    }
+    Ok(runs)
+}
+
 /// Time a vision encoder ONNX file (any `[1,3,S,S]` → `[tokens, width]` model) on random
 /// pixels: load time, per-run times after one warm-up, peak memory.
 pub fn vision_bench(
@@ -411,37 +509,13 @@ pub fn vision_bench(
     profile: bool,
     mut progress: impl FnMut(&str),
 ) -> Result<VisionBench> {
-    crate::set_tract_threads(threads);
     let rss_before_load_bytes = proc_status_bytes("VmRSS");
-    let t = Instant::now();
-    let (plan, output) = crate::vision::load_plan(onnx, None)?;
-    let load_s = t.elapsed().as_secs_f64();
+    let vision = VisionUnderTest::load(onnx, threads)?;
     let rss_after_load_bytes = proc_status_bytes("VmRSS");
-    progress(&format!("loaded in {load_s:.1} s"));
-    let size = plan
-        .model()
-        .input_fact(0)?
-        .shape
-        .as_concrete()
-        .map_or(0, |d| d[3]);
-    // Deterministic pseudo-random pixels in about [-2, 2] (normalised-image range).
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    let pixels: Vec<f32> = (0..3 * size * size)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
-        })
-        .collect();
-    let input = tract_onnx::prelude::Tensor::from_shape(&[1, 3, size, size], &pixels)?;
-    // The run state is kept from one run to the next, as the daemon's encoder keeps it.
-    let runner = crate::vision::TractRunner::new(plan.clone());
+    progress(&format!("loaded in {:.1} s", vision.load_s));
     let mut runs_ms = Vec::new();
     for i in 0..=iterations {
-        let t = Instant::now();
-        runner.run(tvec![input.clone().into()])?;
-        let ms = t.elapsed().as_secs_f64() * 1e3;
+        let ms = vision.run_ms()?;
         if i > 0 {
             runs_ms.push(ms);
             progress(&format!("run {i}/{iterations}: {ms:.1} ms"));
@@ -449,7 +523,7 @@ pub fn vision_bench(
     }
     let peak_rss_bytes = proc_status_bytes("VmHWM");
     let profile = if profile {
-        profile_run(&plan, &input)?
+        profile_run(&vision.plan, &vision.input, iterations)?
     } else {
         Vec::new()
     };
@@ -458,9 +532,9 @@ pub fn vision_bench(
         runner: format!("posegpt-edge {} (tract)", env!("CARGO_PKG_VERSION")),
         model: onnx.display().to_string(),
         threads,
-        input_size: size,
-        output,
-        load_s,
+        input_size: vision.size,
+        output: vision.output.clone(),
+        load_s: vision.load_s,
         runs_ms,
         median_ms,
         weight_bytes: onnx_weight_bytes(onnx)?,

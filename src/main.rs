@@ -105,11 +105,15 @@ enum Command {
         threads: usize,
         #[arg(long, default_value_t = 5)]
         iterations: usize,
-        /// Also time one run operator by operator (after the timed runs).
+        /// Also time the runs operator by operator (after the timed runs; median per operator).
         #[arg(long)]
         profile: bool,
         #[arg(long)]
         json: bool,
+        /// Instead: print "ready" once loaded and warmed up, then run once per line read on
+        /// stdin and print that run's milliseconds (for scripts/bench_vision_paired.py).
+        #[arg(long, conflicts_with_all = ["profile", "json"])]
+        paced: bool,
     },
     /// Quantise a GGUF LLM with llama.cpp's quantiser (e.g. a converted bundle's llm.gguf).
     Quantize {
@@ -444,8 +448,16 @@ fn run(cli: Cli) -> Result<()> {
             iterations,
             profile,
             json,
+            paced,
         } => {
             let threads = posegpt_edge::threads_or_all_cores(threads);
+            if paced {
+                let stdin = std::io::stdin().lock();
+                let runs =
+                    posegpt_edge::bench::vision_paced(&onnx, threads, stdin, std::io::stdout())?;
+                log::info!("bench-vision: {runs} paced runs");
+                return Ok(());
+            }
             let r = posegpt_edge::bench::vision_bench(
                 &onnx,
                 threads,

@@ -324,3 +324,48 @@ fn bench_vision_reports_time_memory_and_a_profile() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("README.md"));
 }
+
+#[test]
+fn bench_vision_paced_runs_once_per_line() {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_posegpt-edge"))
+        .args([
+            "bench-vision",
+            "--onnx",
+            "models/test-tiny/vision.onnx",
+            "-t",
+            "2",
+            "--paced",
+        ])
+        .current_dir(root())
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run posegpt-edge");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"run\nrun\nrun\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{stdout}");
+    assert_eq!(lines[0], "ready");
+    for ms in &lines[1..] {
+        let ms: f64 = ms.parse().unwrap();
+        assert!(ms > 0.0 && ms < 10_000.0, "{ms}");
+    }
+    // --paced prints bare times: it cannot be combined with the report options.
+    let out = run(&[
+        "bench-vision",
+        "--onnx",
+        "models/test-tiny/vision.onnx",
+        "--paced",
+        "--json",
+    ]);
+    assert!(!out.status.success());
+}

@@ -550,20 +550,58 @@ fn horizontal_row_any(a: &Axis, row: &[u8], dst: &mut [u8]) {
     }
 }
 
+/// Multiply-adds per run from which a plan runs on tract's pool (see [`on_tract_pool`]):
+/// about a millisecond of work. Moving a run onto the pool costs tens of microseconds, more
+/// than a small pose head or the tiny test tower saves by it.
+const POOL_MIN_FMA: u64 = 100_000_000;
+
+/// Run `f` on a thread of tract's matrix-product pool when tract has one (else here).
+///
+/// Every parallel operator hands its work to that pool. Called from outside the pool, each
+/// hand-off queues the work, wakes a pool thread and puts this thread to sleep until it is done
+/// (about 160 hand-offs per ViT-B/16 run). Called from a pool thread, an operator runs its share
+/// at once on that thread and wakes only the other workers: a ViT-B/16 run at two threads took
+/// 2 % less time this way (docs/performance.md).
+pub(crate) fn on_tract_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    match tract_linalg::multithread::current_tract_executor() {
+        tract_linalg::multithread::Executor::MultiThread(pool) => pool.install(f),
+        _ => f(),
+    }
+}
+
+/// Multiply-adds of one run of `model`, as its operators state them (0 where one cannot say).
+pub(crate) fn fma_per_run(model: &TypedModel) -> u64 {
+    model
+        .nodes()
+        .iter()
+        .filter_map(|node| {
+            let inputs = model.node_input_facts(node.id).ok()?;
+            node.op.cost(&inputs).ok()
+        })
+        .flatten()
+        .filter(|(cost, _)| matches!(cost, tract_onnx::tract_core::ops::Cost::FMA(_)))
+        .map(|(_, n)| n.to_i64().map_or(0, |n| n.max(0) as u64))
+        .sum()
+}
+
 /// A tract plan with its run state kept between runs: spawning a fresh state per run (what
 /// `plan.run` does) costs more than the whole pose head on a small model. After a failed run
-/// the state is rebuilt, so a bad input cannot leave stale values behind.
+/// the state is rebuilt, so a bad input cannot leave stale values behind. Large plans run on
+/// tract's pool ([`on_tract_pool`]).
 #[derive(Debug)]
 pub(crate) struct TractRunner {
     plan: std::sync::Arc<TypedRunnableModel>,
     state: std::sync::Mutex<Option<TypedSimpleState>>,
+    on_pool: bool,
 }
 
 impl TractRunner {
     pub(crate) fn new(plan: std::sync::Arc<TypedRunnableModel>) -> Self {
+        let on_pool = fma_per_run(plan.model()) >= POOL_MIN_FMA;
         Self {
             plan,
             state: std::sync::Mutex::new(None),
+            on_pool,
         }
     }
 
@@ -573,7 +611,11 @@ impl TractRunner {
             Some(state) => state,
             None => self.plan.spawn()?,
         };
-        let out = state.run(inputs)?;
+        let out = if self.on_pool {
+            on_tract_pool(|| state.run(inputs))?
+        } else {
+            state.run(inputs)?
+        };
         *slot = Some(state);
         Ok(out)
     }
@@ -688,6 +730,26 @@ impl VisionEncoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fma_per_run_counts_a_matrix_product_before_and_after_optimisation() {
+        use tract_onnx::tract_core::ops::einsum::EinSum;
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([8, 16])).unwrap();
+        let w = model
+            .add_const("w", Tensor::from_shape(&[16, 4], &[0.5f32; 64]).unwrap())
+            .unwrap();
+        let axes = "mk,kn->mn".parse().unwrap();
+        let y = model
+            .wire_node("mm", EinSum::new(axes, f32::datum_type()), &[x, w])
+            .unwrap();
+        model.select_output_outlets(&y).unwrap();
+        assert_eq!(fma_per_run(&model), 8 * 16 * 4);
+        let plan = model.into_optimized().unwrap().into_runnable().unwrap();
+        assert_eq!(fma_per_run(plan.model()), 8 * 16 * 4);
+        // Far below the pool threshold: such a plan runs on the calling thread.
+        assert!(!TractRunner::new(plan).on_pool);
+    }
 
     fn gradient(w: u32, h: u32) -> RgbImage {
         RgbImage::from_fn(w, h, |x, y| {
