@@ -337,18 +337,18 @@ pub struct OpTime {
 /// Run the plan `runs` times on one run state (after a warm-up run), timing every node; per
 /// operator name, the median over the runs of its summed time.
 fn profile_run(
-    plan: &std::sync::Arc<tract_onnx::prelude::TypedRunnableModel>,
+    runner: &crate::vision::TractRunner,
     input: &tract_onnx::prelude::Tensor,
     runs: usize,
 ) -> Result<Vec<OpTime>> {
     use std::collections::{HashMap, HashSet};
     let mut nodes: HashMap<String, HashSet<usize>> = HashMap::new();
     let mut per_run: Vec<HashMap<String, f64>> = Vec::new();
-    let mut state = plan.spawn()?;
+    let mut state = runner.plan().spawn()?;
     for run in 0..=runs.max(1) {
         let mut by_op: HashMap<String, f64> = HashMap::new();
-        // On tract's pool, as the encoder runs (vision::on_tract_pool).
-        crate::vision::on_tract_pool(|| {
+        // On the thread the encoder's runs use.
+        runner.on_its_thread(|| {
             state.run_plan_with_eval(
                 tvec![input.clone().into()],
                 |ctx, op_state, node, inputs| {
@@ -425,7 +425,6 @@ fn onnx_weight_bytes(path: &Path) -> Result<u64> {
 
 /// A loaded vision encoder with its input, ready to be run as the daemon runs it.
 struct VisionUnderTest {
-    plan: std::sync::Arc<tract_onnx::prelude::TypedRunnableModel>,
     runner: crate::vision::TractRunner,
     input: tract_onnx::prelude::Tensor,
     size: usize,
@@ -457,9 +456,8 @@ impl VisionUnderTest {
             .collect();
         let input = tract_onnx::prelude::Tensor::from_shape(&[1, 3, size, size], &pixels)?;
         // The run state is kept from one run to the next, as the daemon's encoder keeps it.
-        let runner = crate::vision::TractRunner::new(plan.clone());
+        let runner = crate::vision::TractRunner::new(plan);
         Ok(Self {
-            plan,
             runner,
             input,
             size,
@@ -523,7 +521,7 @@ pub fn vision_bench(
     }
     let peak_rss_bytes = proc_status_bytes("VmHWM");
     let profile = if profile {
-        profile_run(&vision.plan, &vision.input, iterations)?
+        profile_run(&vision.runner, &vision.input, iterations)?
     } else {
         Vec::new()
     };

@@ -562,7 +562,7 @@ const POOL_MIN_FMA: u64 = 100_000_000;
 /// (about 160 hand-offs per ViT-B/16 run). Called from a pool thread, an operator runs its share
 /// at once on that thread and wakes only the other workers: a ViT-B/16 run at two threads took
 /// 2 % less time this way (docs/performance.md).
-pub(crate) fn on_tract_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+fn on_tract_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     match tract_linalg::multithread::current_tract_executor() {
         tract_linalg::multithread::Executor::MultiThread(pool) => pool.install(f),
         _ => f(),
@@ -611,13 +611,22 @@ impl TractRunner {
             Some(state) => state,
             None => self.plan.spawn()?,
         };
-        let out = if self.on_pool {
-            on_tract_pool(|| state.run(inputs))?
-        } else {
-            state.run(inputs)?
-        };
+        let out = self.on_its_thread(|| state.run(inputs))?;
         *slot = Some(state);
         Ok(out)
+    }
+
+    /// Run `f` where this plan's runs happen: on tract's pool for a large plan, else here.
+    pub(crate) fn on_its_thread<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        if self.on_pool {
+            on_tract_pool(f)
+        } else {
+            f()
+        }
+    }
+
+    pub(crate) fn plan(&self) -> &std::sync::Arc<TypedRunnableModel> {
+        &self.plan
     }
 }
 

@@ -470,52 +470,43 @@ impl EvalOp for LayerNorm {
                 .max(NORM_ROWS_PER_TASK / 4)
         });
         let chunk = width * rows_per_task.max(1);
-        let y = if x.is_exclusive() {
-            // Nobody else reads the input: normalise it in place.
-            let mut y = x.into_tensor();
-            let mut view = y.to_plain_array_view_mut::<f32>()?;
-            let data = view.as_slice_mut().context("tensors are contiguous")?;
-            let norm = |rows: &mut [f32]| {
-                for row in rows.chunks_exact_mut(width) {
-                    normalise_row(row, &scale, &bias, eps);
-                }
-            };
-            match pool {
-                Some(pool) => {
-                    use rayon::prelude::*;
-                    pool.install(|| data.par_chunks_mut(chunk).for_each(norm))
-                }
-                None => norm(data),
-            }
-            drop(view);
-            y
+        // Nobody else reads an exclusive input: normalise it in place. One that a residual
+        // connection still reads is written beside, in the same parallel pass, rather than
+        // copied first on one thread.
+        let (mut y, shared) = if x.is_exclusive() {
+            (x.into_tensor(), None)
         } else {
-            // The input is also read by a residual connection: write the output beside it in
-            // the same parallel pass rather than copying it first on one thread.
-            let src = x.to_plain_array_view::<f32>()?;
-            let src = src.as_slice().context("tensors are contiguous")?;
-            let mut y = Tensor::zero::<f32>(x.shape())?;
-            let mut view = y.to_plain_array_view_mut::<f32>()?;
-            let data = view.as_slice_mut().context("tensors are contiguous")?;
-            let norm = |(out, inp): (&mut [f32], &[f32])| {
-                for (o, x) in out.chunks_exact_mut(width).zip(inp.chunks_exact(width)) {
-                    normalise_row_into(x, o, &scale, &bias, eps);
-                }
-            };
-            match pool {
-                Some(pool) => {
-                    use rayon::prelude::*;
-                    pool.install(|| {
-                        data.par_chunks_mut(chunk)
-                            .zip(src.par_chunks(chunk))
-                            .for_each(norm)
-                    })
-                }
-                None => norm((data, src)),
-            }
-            drop(view);
-            y
+            (Tensor::zero::<f32>(x.shape())?, Some(x))
         };
+        let src = shared
+            .as_ref()
+            .map(|x| x.to_plain_array_view::<f32>())
+            .transpose()?;
+        let src = src
+            .as_ref()
+            .map(|v| v.as_slice().context("tensors are contiguous"))
+            .transpose()?;
+        let mut view = y.to_plain_array_view_mut::<f32>()?;
+        let data = view.as_slice_mut().context("tensors are contiguous")?;
+        let norm = |(task, out): (usize, &mut [f32])| {
+            let inp = src.map(|s| &s[task * chunk..task * chunk + out.len()]);
+            for (r, row) in out.chunks_exact_mut(width).enumerate() {
+                match inp {
+                    Some(inp) => {
+                        normalise_row_into(&inp[r * width..][..width], row, &scale, &bias, eps)
+                    }
+                    None => normalise_row(row, &scale, &bias, eps),
+                }
+            }
+        };
+        match pool {
+            Some(pool) => {
+                use rayon::prelude::*;
+                pool.install(|| data.par_chunks_mut(chunk).enumerate().for_each(norm))
+            }
+            None => norm((0, data)),
+        }
+        drop(view);
         Ok(tvec!(y.into_tvalue()))
     }
 }
@@ -673,10 +664,15 @@ mod tests {
     }
 
     fn eval(op: &dyn EvalOp, inputs: Vec<Tensor>, threads: usize) -> ArrayD<f32> {
-        let run = || {
-            let inputs = inputs.into_iter().map(|t| t.into_tvalue()).collect();
-            op.eval(&EvalContext::out_of_plan(), inputs).unwrap()
-        };
+        eval_values(
+            op,
+            inputs.into_iter().map(|t| t.into_tvalue()).collect(),
+            threads,
+        )
+    }
+
+    fn eval_values(op: &dyn EvalOp, inputs: TVec<TValue>, threads: usize) -> ArrayD<f32> {
+        let run = || op.eval(&EvalContext::out_of_plan(), inputs).unwrap();
         let out = if threads > 1 {
             tract_linalg::multithread::multithread_tract_scope(Executor::multithread(threads), run)
         } else {
@@ -834,23 +830,11 @@ mod tests {
             // not over.
             let input = x.into_tvalue();
             let kept = input.clone();
-            let run = || {
-                LayerNorm { epsilon: 1e-5 }
-                    .eval(
-                        &EvalContext::out_of_plan(),
-                        tvec![input, scale.into_tvalue(), bias.into_tvalue()],
-                    )
-                    .unwrap()
-            };
-            let out = if threads > 1 {
-                tract_linalg::multithread::multithread_tract_scope(
-                    Executor::multithread(threads),
-                    run,
-                )
-            } else {
-                run()
-            };
-            let got = out[0].to_plain_array_view::<f32>().unwrap().to_owned();
+            let got = eval_values(
+                &LayerNorm { epsilon: 1e-5 },
+                tvec![input, scale.into_tvalue(), bias.into_tvalue()],
+                threads,
+            );
             let d = max_diff(&got, &want);
             assert!(d < 1e-5, "shared input, {threads} threads: off by {d}");
             assert_eq!(
