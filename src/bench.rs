@@ -208,6 +208,9 @@ pub struct LlmBench {
     pub size_bytes: u64,
     pub params: u64,
     pub threads: usize,
+    /// Layers asked to be offloaded (-1 = all) and whether this build found a GPU to take them.
+    pub n_gpu_layers: i32,
+    pub gpu_offload: bool,
     pub n_prompt: usize,
     pub n_gen: usize,
     pub repetitions: usize,
@@ -223,6 +226,7 @@ pub struct LlmBench {
 /// (the first is BOS, the rest random). Medians over `repetitions` after one warm-up each.
 pub fn llm_bench(
     gguf: &Path,
+    model_params: &ModelParams,
     n_prompt: usize,
     n_gen: usize,
     threads: usize,
@@ -230,7 +234,7 @@ pub fn llm_bench(
     mut progress: impl FnMut(&str),
 ) -> Result<LlmBench> {
     let model = std::sync::Arc::new(
-        Model::load(gguf, &ModelParams::default())
+        Model::load(gguf, model_params)
             .with_context(|| format!("cannot load {}", gguf.display()))?,
     );
     let params = SessionParams {
@@ -293,6 +297,8 @@ pub fn llm_bench(
         size_bytes: model.size_bytes(),
         params: model.n_params(),
         threads,
+        n_gpu_layers: model_params.n_gpu_layers,
+        gpu_offload: crate::llm::supports_gpu_offload(),
         n_prompt,
         n_gen,
         repetitions,
@@ -312,6 +318,12 @@ pub struct VisionBench {
     pub input_size: usize,
     /// Output shape, `[tokens, width]`.
     pub output: Vec<usize>,
+    /// The tract runtime that ran it ("cpu": the product's plan).
+    pub runtime: String,
+    /// With another runtime: the largest difference of its output from the CPU plan's on the
+    /// same pixels, and the largest magnitude in the CPU plan's output.
+    pub max_abs_diff_vs_cpu: Option<f64>,
+    pub max_abs_output: Option<f64>,
     pub load_s: f64,
     pub runs_ms: Vec<f64>,
     pub median_ms: f64,
@@ -423,55 +435,166 @@ fn onnx_weight_bytes(path: &Path) -> Result<u64> {
         .sum())
 }
 
-/// A loaded vision encoder with its input, ready to be run as the daemon runs it.
+/// The tract runtime `bench-vision` uses by default: the product's own CPU plan.
+pub const CPU_RUNTIME: &str = "cpu";
+
+/// How a benchmarked encoder runs.
+enum EncoderRun {
+    /// As the daemon runs it (the product's CPU plan and runner).
+    Product(crate::vision::TractRunner),
+    /// Prepared by another tract runtime (e.g. `cuda`), its run state kept between runs.
+    Runtime {
+        state: std::sync::Mutex<Box<dyn tract_onnx::prelude::State>>,
+        _runnable: Box<dyn tract_onnx::prelude::Runnable>,
+    },
+}
+
+/// A loaded vision encoder with its input, ready to be run as the daemon runs it (or as another
+/// tract runtime runs it).
 struct VisionUnderTest {
-    runner: crate::vision::TractRunner,
+    run: EncoderRun,
     input: tract_onnx::prelude::Tensor,
     size: usize,
     output: Vec<usize>,
     load_s: f64,
 }
 
+/// Deterministic pseudo-random pixels in about [-2, 2] (normalised-image range).
+fn bench_pixels(size: usize) -> Result<tract_onnx::prelude::Tensor> {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let pixels: Vec<f32> = (0..3 * size * size)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+        })
+        .collect();
+    tract_onnx::prelude::Tensor::from_shape(&[1, 3, size, size], &pixels)
+}
+
+/// The tract runtime called `name`, with a message naming the ones this build has.
+fn tract_runtime(name: &str) -> Result<&'static dyn tract_onnx::prelude::Runtime> {
+    use tract_onnx::prelude::{runtime_for_name, runtimes};
+    let known = || {
+        runtimes()
+            .map(|r| r.name().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match runtime_for_name(name) {
+        Ok(Some(rt)) => Ok(rt),
+        Ok(None) => anyhow::bail!(
+            "tract runtime {name:?} is not in this build (usable here: {}; `cuda` needs a build \
+             with --features vision-cuda)",
+            known()
+        ),
+        Err(e) => Err(e.context(format!(
+            "tract runtime {name:?} cannot run here (usable here: {})",
+            known()
+        ))),
+    }
+}
+
 impl VisionUnderTest {
     fn load(onnx: &Path, threads: usize) -> Result<Self> {
+        Self::load_on(onnx, threads, CPU_RUNTIME)
+    }
+
+    /// Load for `runtime`: [`CPU_RUNTIME`] is the product's path, any other name a tract
+    /// runtime that prepares the simplified model itself.
+    fn load_on(onnx: &Path, threads: usize, runtime: &str) -> Result<Self> {
         crate::set_tract_threads(threads);
         let t = Instant::now();
-        let (plan, output) = crate::vision::load_plan(onnx, None)?;
+        let (run, size, output) = if runtime == CPU_RUNTIME {
+            let (plan, output) = crate::vision::load_plan(onnx, None)?;
+            let size = plan
+                .model()
+                .input_fact(0)?
+                .shape
+                .as_concrete()
+                .map_or(0, |d| d[3]);
+            // The run state is kept from one run to the next, as the daemon's encoder keeps it.
+            let run = EncoderRun::Product(crate::vision::TractRunner::new(plan));
+            (run, size, output)
+        } else {
+            let rt = tract_runtime(runtime)?;
+            let model = crate::vision::load_typed(onnx, None)?;
+            let input = model.input_fact(0)?.shape.as_concrete().map(|d| d.to_vec());
+            let size = input.and_then(|d| d.get(3).copied()).unwrap_or(0);
+            let output = model
+                .output_fact(0)?
+                .shape
+                .as_concrete()
+                .map(|d| d.to_vec());
+            let output = output.unwrap_or_default();
+            let runnable = rt
+                .prepare(model)
+                .with_context(|| format!("tract runtime {runtime:?} cannot prepare it"))?;
+            let run = EncoderRun::Runtime {
+                state: std::sync::Mutex::new(runnable.spawn()?),
+                _runnable: runnable,
+            };
+            (run, size, output)
+        };
         let load_s = t.elapsed().as_secs_f64();
-        let size = plan
-            .model()
-            .input_fact(0)?
-            .shape
-            .as_concrete()
-            .map_or(0, |d| d[3]);
-        // Deterministic pseudo-random pixels in about [-2, 2] (normalised-image range).
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let pixels: Vec<f32> = (0..3 * size * size)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
-            })
-            .collect();
-        let input = tract_onnx::prelude::Tensor::from_shape(&[1, 3, size, size], &pixels)?;
-        // The run state is kept from one run to the next, as the daemon's encoder keeps it.
-        let runner = crate::vision::TractRunner::new(plan);
         Ok(Self {
-            runner,
-            input,
+            run,
+            input: bench_pixels(size)?,
             size,
             output,
             load_s,
         })
     }
 
+    /// One run's output.
+    fn run_once(&self) -> Result<tract_onnx::prelude::TValue> {
+        let inputs = tvec![self.input.clone().into()];
+        let out = match &self.run {
+            EncoderRun::Product(runner) => runner.run(inputs)?,
+            EncoderRun::Runtime { state, .. } => state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .run(inputs)?,
+        };
+        out.into_iter().next().context("the encoder has no output")
+    }
+
     /// One run, in milliseconds.
     fn run_ms(&self) -> Result<f64> {
         let t = Instant::now();
-        self.runner.run(tvec![self.input.clone().into()])?;
+        self.run_once()?;
         Ok(t.elapsed().as_secs_f64() * 1e3)
     }
+
+    fn product_runner(&self) -> Option<&crate::vision::TractRunner> {
+        match &self.run {
+            EncoderRun::Product(runner) => Some(runner),
+            EncoderRun::Runtime { .. } => None,
+        }
+    }
+}
+
+/// Largest absolute difference between two outputs, and the largest magnitude in `reference`.
+fn max_abs_diff(
+    got: &tract_onnx::prelude::TValue,
+    reference: &tract_onnx::prelude::TValue,
+) -> Result<(f64, f64)> {
+    let a = got.to_plain_array_view::<f32>()?;
+    let b = reference.to_plain_array_view::<f32>()?;
+    anyhow::ensure!(
+        a.shape() == b.shape(),
+        "outputs differ in shape: {:?} vs {:?}",
+        a.shape(),
+        b.shape()
+    );
+    let diff = a
+        .iter()
+        .zip(b.iter())
+        .map(|(x, y)| (x - y).abs() as f64)
+        .fold(0.0, f64::max);
+    let scale = b.iter().map(|y| y.abs() as f64).fold(0.0, f64::max);
+    Ok((diff, scale))
 }
 
 /// Run a vision encoder ONNX file once per line read from `commands`, after one warm-up run,
@@ -500,15 +623,24 @@ pub fn vision_paced(
 
 /// Time a vision encoder ONNX file (any `[1,3,S,S]` → `[tokens, width]` model) on random
 /// pixels: load time, per-run times after one warm-up, peak memory.
+///
+/// `runtime` other than [`CPU_RUNTIME`] runs the encoder on that tract runtime instead (e.g.
+/// `cuda` on a `vision-cuda` build) and, after the timed runs, compares one output with the
+/// product's CPU plan on the same pixels.
 pub fn vision_bench(
     onnx: &Path,
     threads: usize,
     iterations: usize,
     profile: bool,
+    runtime: &str,
     mut progress: impl FnMut(&str),
 ) -> Result<VisionBench> {
+    anyhow::ensure!(
+        !profile || runtime == CPU_RUNTIME,
+        "--profile times the CPU plan's operators; it cannot be combined with --runtime {runtime}"
+    );
     let rss_before_load_bytes = proc_status_bytes("VmRSS");
-    let vision = VisionUnderTest::load(onnx, threads)?;
+    let vision = VisionUnderTest::load_on(onnx, threads, runtime)?;
     let rss_after_load_bytes = proc_status_bytes("VmRSS");
     progress(&format!("loaded in {:.1} s", vision.load_s));
     let mut runs_ms = Vec::new();
@@ -520,14 +652,25 @@ pub fn vision_bench(
         }
     }
     let peak_rss_bytes = proc_status_bytes("VmHWM");
-    let profile = if profile {
-        profile_run(&vision.runner, &vision.input, iterations)?
-    } else {
-        Vec::new()
+    let profile = match vision.product_runner() {
+        Some(runner) if profile => profile_run(runner, &vision.input, iterations)?,
+        _ => Vec::new(),
     };
     let median_ms = stat("run", runs_ms.clone()).median_ms;
+    let (max_abs_diff_vs_cpu, max_abs_output) = if runtime == CPU_RUNTIME {
+        (None, None)
+    } else {
+        progress("comparing one output with the CPU plan's");
+        let got = vision.run_once()?;
+        let cpu = VisionUnderTest::load(onnx, threads)?;
+        let (diff, scale) = max_abs_diff(&got, &cpu.run_once()?)?;
+        (Some(diff), Some(scale))
+    };
     Ok(VisionBench {
         runner: format!("posegpt-edge {} (tract)", env!("CARGO_PKG_VERSION")),
+        runtime: runtime.to_string(),
+        max_abs_diff_vs_cpu,
+        max_abs_output,
         model: onnx.display().to_string(),
         threads,
         input_size: vision.size,

@@ -32,6 +32,10 @@ pub mod service;
 pub mod smpl;
 pub mod vision;
 
+// tract's CUDA runtime registers itself with tract when linked; nothing names it otherwise.
+#[cfg(feature = "vision-cuda")]
+extern crate tract_cuda;
+
 /// `threads`, or for 0 the number of cores.
 pub fn threads_or_all_cores(threads: usize) -> usize {
     if threads > 0 {

@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use posegpt_edge::bundle::{Bundle, LoadOptions};
-use posegpt_edge::llm::{Sampling, SessionParams};
+use posegpt_edge::llm::{ModelParams, Sampling, SessionParams};
 use posegpt_edge::posegpt::{PoseGpt, RuntimeOptions};
 use posegpt_edge::smpl::model::as_joint_rotations;
 use posegpt_edge::smpl::{Skeleton, SmplModel};
@@ -92,6 +92,10 @@ enum Command {
         threads: usize,
         #[arg(short = 'r', long, default_value_t = 5)]
         repetitions: usize,
+        /// Layers offloaded to the GPU on a CUDA build (-1 = all, 0 = none), as llama-bench's
+        /// -ngl.
+        #[arg(long, visible_alias = "ngl", default_value_t = -1, allow_negative_numbers = true)]
+        n_gpu_layers: i32,
         #[arg(long)]
         json: bool,
     },
@@ -114,6 +118,10 @@ enum Command {
         /// stdin and print that run's milliseconds (for scripts/bench_vision_paired.py).
         #[arg(long, conflicts_with_all = ["profile", "json"])]
         paced: bool,
+        /// The tract runtime that runs it: "cpu" (the product's plan) or, on a build with the
+        /// vision-cuda feature and a GPU, "cuda" (its output is then also compared with cpu's).
+        #[arg(long, default_value = posegpt_edge::bench::CPU_RUNTIME, conflicts_with_all = ["profile", "paced"])]
+        runtime: String,
     },
     /// Quantise a GGUF LLM with llama.cpp's quantiser (e.g. a converted bundle's llm.gguf).
     Quantize {
@@ -149,6 +157,10 @@ struct ModelArgs {
     /// Exact mode: flash attention off and an F32 KV cache (slower; matches references).
     #[arg(long)]
     exact: bool,
+    /// LLM layers offloaded to the GPU on a CUDA build (-1 = all, 0 = none; ignored on a CPU
+    /// build).
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    n_gpu_layers: i32,
     /// Body height in metres of the built-in skeleton that joint positions come from.
     #[arg(long, default_value_t = 1.70)]
     height: f32,
@@ -199,7 +211,11 @@ impl ModelArgs {
         };
         RuntimeOptions {
             vision_threads: threads,
-            load: LoadOptions::default(),
+            load: LoadOptions {
+                model: ModelParams {
+                    n_gpu_layers: self.n_gpu_layers,
+                },
+            },
             session: SessionParams {
                 n_threads: threads as i32,
                 n_threads_batch: threads as i32,
@@ -408,11 +424,13 @@ fn run(cli: Cli) -> Result<()> {
             n_gen,
             threads,
             repetitions,
+            n_gpu_layers,
             json,
         } => {
             let threads = posegpt_edge::threads_or_all_cores(threads);
             let r = posegpt_edge::bench::llm_bench(
                 &gguf,
+                &ModelParams { n_gpu_layers },
                 n_prompt,
                 n_gen,
                 threads,
@@ -424,19 +442,25 @@ fn run(cli: Cli) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                println!("| model | size | params | threads | test | t/s |");
-                println!("| --- | ---: | ---: | ---: | --- | ---: |");
+                // ngl as llama-bench prints it: what was asked, "cpu" where nothing can offload.
+                let ngl = if r.gpu_offload {
+                    r.n_gpu_layers.to_string()
+                } else {
+                    "cpu".to_string()
+                };
+                println!("| model | size | params | threads | ngl | test | t/s |");
+                println!("| --- | ---: | ---: | ---: | ---: | --- | ---: |");
                 let size = format!("{:.2} MiB", r.size_bytes as f64 / 1048576.0);
                 let params = format!("{:.2} M", r.params as f64 / 1e6);
                 if r.n_prompt > 0 {
                     println!(
-                        "| {} | {size} | {params} | {} | pp{} | {:.2} |",
+                        "| {} | {size} | {params} | {} | {ngl} | pp{} | {:.2} |",
                         r.model, r.threads, r.n_prompt, r.pp_tokens_per_s
                     );
                 }
                 if r.n_gen > 0 {
                     println!(
-                        "| {} | {size} | {params} | {} | tg{} | {:.2} |",
+                        "| {} | {size} | {params} | {} | {ngl} | tg{} | {:.2} |",
                         r.model, r.threads, r.n_gen, r.tg_tokens_per_s
                     );
                 }
@@ -449,6 +473,7 @@ fn run(cli: Cli) -> Result<()> {
             profile,
             json,
             paced,
+            runtime,
         } => {
             let threads = posegpt_edge::threads_or_all_cores(threads);
             if paced {
@@ -463,6 +488,7 @@ fn run(cli: Cli) -> Result<()> {
                 threads,
                 iterations.max(1),
                 profile,
+                &runtime,
                 |what| {
                     log::info!("bench-vision: {what}");
                 },
@@ -472,9 +498,12 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 let mb = |b: u64| b as f64 / 1e6;
                 println!(
-                    "{}: input {}x{}, output {:?}, {} threads: median {:.1} ms over {} runs (load {:.1} s)",
-                    r.model, r.input_size, r.input_size, r.output, r.threads, r.median_ms, r.runs_ms.len(), r.load_s
+                    "{}: input {}x{}, output {:?}, {} threads, runtime {}: median {:.1} ms over {} runs (load {:.1} s)",
+                    r.model, r.input_size, r.input_size, r.output, r.threads, r.runtime, r.median_ms, r.runs_ms.len(), r.load_s
                 );
+                if let (Some(diff), Some(scale)) = (r.max_abs_diff_vs_cpu, r.max_abs_output) {
+                    println!("output vs the CPU plan's: max |difference| {diff:.3e} (largest |value| {scale:.3})");
+                }
                 println!(
                     "memory: weights {:.0} MB, peak RSS {:.0} MB ({:.2}x the weights), after load {:.0} MB, before {:.0} MB",
                     mb(r.weight_bytes), mb(r.peak_rss_bytes), r.peak_rss_bytes as f64 / r.weight_bytes.max(1) as f64,

@@ -273,8 +273,17 @@ fn bench_reports_every_stage_and_bench_llm_reports_pp_and_tg() {
         "2",
         "-r",
         "2",
+        "--ngl",
+        "0",
         "--json",
     ]));
+    assert_eq!(v["n_gpu_layers"].as_i64(), Some(0));
+    // A CPU build has nothing to offload to; a CUDA build says whether it found a GPU.
+    if cfg!(feature = "cuda") {
+        assert!(v["gpu_offload"].is_boolean());
+    } else {
+        assert_eq!(v["gpu_offload"].as_bool(), Some(false));
+    }
     assert_eq!(v["pp_runs"].as_array().unwrap().len(), 2);
     assert_eq!(v["tg_runs"].as_array().unwrap().len(), 2);
     assert!(v["pp_tokens_per_s"].as_f64().unwrap() > 0.0);

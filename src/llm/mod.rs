@@ -25,7 +25,7 @@ mod quantize;
 mod sampler;
 mod session;
 
-pub use model::{Model, ModelParams, Token};
+pub use model::{supports_gpu_offload, Model, ModelParams, Token};
 pub use quantize::{quantize, QuantType, QuantizeError, QuantizeReport};
 pub use sampler::{Sampler, Sampling};
 pub use session::{

@@ -24,6 +24,15 @@ impl Default for ModelParams {
     }
 }
 
+/// Whether this build of llama.cpp can offload layers to a GPU (a CUDA build that found a
+/// device); false on CPU-only builds and where no GPU is present.
+pub fn supports_gpu_offload() -> bool {
+    logging::init_backend();
+    // SAFETY: a query of llama.cpp's registered backends without arguments; the backends were
+    // initialised by init_backend above.
+    unsafe { sys::llama_supports_gpu_offload() }
+}
+
 /// A GGUF model loaded by llama.cpp. Immutable after loading; share it with `Arc`.
 pub struct Model {
     ptr: NonNull<sys::llama_model>,

@@ -450,10 +450,26 @@ pub fn load_plan(
     crate::llm::heap::loading_weights(|| load_plan_inner(path, size))
 }
 
-fn load_plan_inner(
+/// Read an encoder ONNX file for a `[1,3,size,size]` input (`None`: the size the file
+/// declares) and simplify it without choosing kernels: the form another tract runtime (e.g.
+/// CUDA, `bench-vision --runtime`) prepares itself.
+pub fn load_typed(path: &Path, size: Option<usize>) -> Result<TypedModel, VisionError> {
+    let (model, s) = read_with_input(path, size)?;
+    model
+        .into_typed()
+        .and_then(|m| m.into_decluttered())
+        .map_err(|e| VisionError::Model {
+            path: path.to_path_buf(),
+            reason: format!("cannot type it for a [1,3,{s},{s}] input: {e:#}"),
+        })
+}
+
+/// The ONNX file read with the fused operators registered and its input set to
+/// `[1,3,S,S]`, with S.
+fn read_with_input(
     path: &Path,
     size: Option<usize>,
-) -> Result<(std::sync::Arc<TypedRunnableModel>, Vec<usize>), VisionError> {
+) -> Result<(InferenceModel, usize), VisionError> {
     let err = |reason: String| VisionError::Model {
         path: path.to_path_buf(),
         reason,
@@ -487,13 +503,24 @@ fn load_plan_inner(
     };
     let model = model
         .with_input_fact(0, f32::fact([1, 3, s, s]).into())
-        .map_err(|e| err(format!("cannot set its input to [1,3,{s},{s}]: {e:#}")))?
-        .into_optimized()
-        .map_err(|e| {
-            err(format!(
-                "cannot optimise it for a [1,3,{s},{s}] input: {e:#}"
-            ))
-        })?;
+        .map_err(|e| err(format!("cannot set its input to [1,3,{s},{s}]: {e:#}")))?;
+    Ok((model, s))
+}
+
+fn load_plan_inner(
+    path: &Path,
+    size: Option<usize>,
+) -> Result<(std::sync::Arc<TypedRunnableModel>, Vec<usize>), VisionError> {
+    let err = |reason: String| VisionError::Model {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let (model, s) = read_with_input(path, size)?;
+    let model = model.into_optimized().map_err(|e| {
+        err(format!(
+            "cannot optimise it for a [1,3,{s},{s}] input: {e:#}"
+        ))
+    })?;
     let out_fact = model
         .output_fact(0)
         .map_err(|e| err(format!("no output: {e:#}")))?;
