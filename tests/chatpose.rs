@@ -46,7 +46,8 @@ fn converted_checkpoint_matches_pytorch() {
         "tokens after the image"
     );
 
-    let tol = 1e-3;
+    // On a GPU, llama.cpp's TF32 products loosen this (tests/common llm_tol; H200: 1.2e-3).
+    let tol = common::llm_tol(1e-3, 1e-2);
     for case in e["cases"].as_array().unwrap() {
         let name = case["image"].as_str().unwrap();
         let img = load_image(&root().join("models/samples").join(name)).unwrap();
@@ -74,5 +75,5 @@ fn converted_checkpoint_matches_pytorch() {
     // The frames differ enough that a wrong image path could not pass.
     let c = e["cases"].as_array().unwrap();
     let between = max_abs_diff(&floats(&c[0]["head"]), &floats(&c[1]["head"]));
-    assert!(between > 10.0 * tol, "{between}");
+    assert!(between > 10.0 * 1e-3, "{between}");
 }

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{expected, floats, ids, max_abs_diff, root};
+use common::{expected, floats, ids, llm_on_gpu, llm_tol, max_abs_diff, root};
 use posegpt_edge::llm::{
     GenerateParams, LlmError, Model, ModelParams, Sampling, Segment, Session, SessionParams,
     StopReason, Token,
@@ -84,8 +84,16 @@ fn hidden_state_and_logits_match_the_reference() {
         let out = s.prefill(&[Segment::Tokens(&tokens)], true).unwrap();
         let dh = max_abs_diff(out.hidden.as_ref().unwrap(), &floats(&case["hidden_last"]));
         let dl = max_abs_diff(&out.logits, &floats(&case["logits_last"]));
-        assert!(dh < 1e-4, "hidden differs by {dh} for {:?}", case["text"]);
-        assert!(dl < 1e-3, "logits differ by {dl} for {:?}", case["text"]);
+        assert!(
+            dh < llm_tol(1e-4, 1e-2),
+            "hidden differs by {dh} for {:?}",
+            case["text"]
+        );
+        assert!(
+            dl < llm_tol(1e-3, 6e-2),
+            "logits differ by {dl} for {:?}",
+            case["text"]
+        );
         assert_eq!(out.position, tokens.len() - 1);
     }
 }
@@ -115,8 +123,8 @@ fn injected_embeddings_match_the_reference_and_matter() {
     let hidden = out.hidden.unwrap();
     let dh = max_abs_diff(&hidden, &floats(&case["hidden_last"]));
     let dl = max_abs_diff(&out.logits, &floats(&case["logits_last"]));
-    assert!(dh < 1e-4, "hidden differs by {dh}");
-    assert!(dl < 1e-3, "logits differ by {dl}");
+    assert!(dh < llm_tol(1e-4, 1e-2), "hidden differs by {dh}");
+    assert!(dl < llm_tol(1e-3, 6e-2), "logits differ by {dl}");
 
     // Perturbations a broken port would survive: dropping the embeddings, or other values.
     let without = s
@@ -173,9 +181,12 @@ fn greedy_generation_matches_and_captures_the_state_that_chose_each_pose_token()
         assert_eq!(c.index, e["index"].as_u64().unwrap() as usize);
         assert_eq!(c.token, pose);
         let d = max_abs_diff(&c.hidden, &floats(&e["hidden"]));
-        assert!(d < 1e-4, "captured hidden differs by {d}");
+        assert!(d < llm_tol(1e-4, 1e-2), "captured hidden differs by {d}");
         let dp = (c.probability as f64 - e["probability"].as_f64().unwrap()).abs();
-        assert!(dp < 1e-3, "pose probability differs by {dp}");
+        assert!(
+            dp < llm_tol(1e-3, 1e-2) as f64,
+            "pose probability differs by {dp}"
+        );
     }
     // The state that chose the token is not the pose token's own state (one position later).
     let first = &g.captured[0];
@@ -208,15 +219,29 @@ fn kv_prefix_reuse_is_exact() {
     let mut cold = exact_session();
     let fresh = cold.prefill(&[Segment::Tokens(&other)], true).unwrap();
     assert_eq!(cold.last_reused_positions(), 0);
+    let again = warm.prefill(&[Segment::Tokens(&other)], true).unwrap();
+    assert_eq!(warm.last_reused_positions(), other.len() - 1);
+    if llm_on_gpu() {
+        // The CUDA backend picks its matrix kernels by batch size (a cached prefix leaves a
+        // shorter batch), so the outputs agree to its TF32 precision, not bit for bit.
+        let (rh, fh) = (reused.hidden.unwrap(), fresh.hidden.unwrap());
+        let d = max_abs_diff(&rh, &fh);
+        assert!(d < 1e-2, "hidden state with a cached prefix differs by {d}");
+        let d = max_abs_diff(&reused.logits, &fresh.logits);
+        assert!(d < 6e-2, "logits with a cached prefix differ by {d}");
+        let d = max_abs_diff(&again.hidden.unwrap(), &fh);
+        assert!(
+            d < 1e-2,
+            "hidden state of the repeated prompt differs by {d}"
+        );
+        return;
+    }
     assert_eq!(
         reused.hidden, fresh.hidden,
         "hidden state with a cached prefix"
     );
     assert_eq!(reused.logits, fresh.logits, "logits with a cached prefix");
-
     // The same prompt again reuses all but the last position and gives the same outputs.
-    let again = warm.prefill(&[Segment::Tokens(&other)], true).unwrap();
-    assert_eq!(warm.last_reused_positions(), other.len() - 1);
     assert_eq!(again.hidden, fresh.hidden);
 }
 

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{expected, floats, ids, max_abs_diff, root};
+use common::{expected, floats, ids, llm_tol, max_abs_diff, root};
 use posegpt_edge::posegpt::{PoseGpt, RuntimeOptions, POSE_MARKER};
 use posegpt_edge::vision::{load_image, preprocess, to_square, ImageSpec, ResizeMode};
 use serde_json::Value;
@@ -82,13 +82,22 @@ fn pose_matches_the_reference_for_every_fixture() {
         let dh = max_abs_diff(&p.hidden, &floats(&case["hidden"]));
         let dr = max_abs_diff(&p.raw, &floats(&case["head"]));
         let dc = (p.confidence as f64 - case["confidence"].as_f64().unwrap()).abs();
-        assert!(dh < 1e-3, "{}: hidden differs by {dh}", case["image"]);
-        assert!(dr < 1e-3, "{}: head differs by {dr}", case["image"]);
-        assert!(dc < 1e-3, "{}: confidence differs by {dc}", case["image"]);
+        assert!(
+            dh < llm_tol(1e-3, 1e-2),
+            "{}: hidden differs by {dh}",
+            case["image"]
+        );
+        assert!(
+            dr < llm_tol(1e-3, 1e-2),
+            "{}: head differs by {dr}",
+            case["image"]
+        );
+        let tc = llm_tol(1e-3, 1e-2) as f64;
+        assert!(dc < tc, "{}: confidence differs by {dc}", case["image"]);
         let dg = max_abs_diff(&p.smpl.global_orient, &floats(&case["global_orient"]));
         let db = max_abs_diff(&p.smpl.body_pose, &floats(&case["body_pose"]));
         assert!(
-            dg < 1e-3 && db < 1e-3,
+            dg < llm_tol(1e-3, 3e-2) && db < llm_tol(1e-3, 3e-2),
             "{}: axis-angle differs by {dg} / {db}",
             case["image"]
         );
@@ -103,7 +112,7 @@ fn pose_from_an_image_file_uses_the_manifest_preprocessing() {
     let img = load_image(&root().join(case["image"].as_str().unwrap())).unwrap();
     let fp = pg.pose(&img).unwrap();
     let dr = max_abs_diff(&fp.pose.raw, &floats(&case["head"]));
-    assert!(dr < 1e-3, "head differs by {dr}");
+    assert!(dr < llm_tol(1e-3, 1e-2), "head differs by {dr}");
     assert!(fp.timings.encode_ms > 0.0 && fp.timings.prefill_ms > 0.0);
 
     // The daemon's path: pixels prepared elsewhere (its capture thread) give the same pose,
@@ -198,9 +207,12 @@ fn ask_returns_one_pose_per_pose_token_matching_the_reference() {
     assert_eq!(reply.text.matches(POSE_MARKER).count(), want.len());
     for (p, w) in reply.poses.iter().zip(want) {
         let d = max_abs_diff(&p.raw, &floats(&w["head"]));
-        assert!(d < 1e-3, "ask pose head differs by {d}");
+        assert!(d < llm_tol(1e-3, 1e-2), "ask pose head differs by {d}");
         let dp = (p.confidence as f64 - w["probability"].as_f64().unwrap()).abs();
-        assert!(dp < 1e-3);
+        assert!(
+            dp < llm_tol(1e-3, 1e-2) as f64,
+            "ask pose probability differs by {dp}"
+        );
     }
     assert_eq!(reply.timings.generated_tokens, ids(&case["tokens"]).len());
 }
