@@ -436,7 +436,7 @@ fn onnx_weight_bytes(path: &Path) -> Result<u64> {
 }
 
 /// The tract runtime `bench-vision` uses by default: the product's own CPU plan.
-pub const CPU_RUNTIME: &str = "cpu";
+pub use crate::vision::CPU_RUNTIME;
 
 /// How a benchmarked encoder runs.
 enum EncoderRun {
@@ -473,29 +473,6 @@ fn bench_pixels(size: usize) -> Result<tract_onnx::prelude::Tensor> {
     tract_onnx::prelude::Tensor::from_shape(&[1, 3, size, size], &pixels)
 }
 
-/// The tract runtime called `name`, with a message naming the ones this build has.
-fn tract_runtime(name: &str) -> Result<&'static dyn tract_onnx::prelude::Runtime> {
-    use tract_onnx::prelude::{runtime_for_name, runtimes};
-    let known = || {
-        runtimes()
-            .map(|r| r.name().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    match runtime_for_name(name) {
-        Ok(Some(rt)) => Ok(rt),
-        Ok(None) => anyhow::bail!(
-            "tract runtime {name:?} is not in this build (usable here: {}; `cuda` needs a build \
-             with --features vision-cuda)",
-            known()
-        ),
-        Err(e) => Err(e.context(format!(
-            "tract runtime {name:?} cannot run here (usable here: {})",
-            known()
-        ))),
-    }
-}
-
 impl VisionUnderTest {
     fn load(onnx: &Path, threads: usize) -> Result<Self> {
         Self::load_on(onnx, threads, CPU_RUNTIME)
@@ -518,19 +495,13 @@ impl VisionUnderTest {
             let run = EncoderRun::Product(crate::vision::TractRunner::new(plan));
             (run, size, output)
         } else {
-            let rt = tract_runtime(runtime)?;
-            let model = crate::vision::load_typed(onnx, None)?;
-            let input = model.input_fact(0)?.shape.as_concrete().map(|d| d.to_vec());
-            let size = input.and_then(|d| d.get(3).copied()).unwrap_or(0);
-            let output = model
-                .output_fact(0)?
+            let (runnable, output) = crate::vision::prepare_on_runtime(onnx, None, runtime)?;
+            let size = runnable
+                .input_fact(0)?
                 .shape
                 .as_concrete()
-                .map(|d| d.to_vec());
-            let output = output.unwrap_or_default();
-            let runnable = rt
-                .prepare(model)
-                .with_context(|| format!("tract runtime {runtime:?} cannot prepare it"))?;
+                .and_then(|d| d.get(3).copied())
+                .unwrap_or(0);
             let run = EncoderRun::Runtime {
                 state: std::sync::Mutex::new(runnable.spawn()?),
                 _runnable: runnable,

@@ -257,9 +257,21 @@ impl Manifest {
 }
 
 /// Runtime options for loading a bundle.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LoadOptions {
     pub model: ModelParams,
+    /// The tract runtime of the vision encoder: "cpu" (this crate's CPU plan, the default) or
+    /// another one the build has ("cuda" with the vision-cuda feature).
+    pub vision_runtime: String,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            model: ModelParams::default(),
+            vision_runtime: crate::vision::CPU_RUNTIME.into(),
+        }
+    }
 }
 
 /// A loaded, checked bundle.
@@ -315,8 +327,17 @@ impl Bundle {
             None => None,
         };
 
-        log::info!("loading vision encoder {}", vision_path.display());
-        let vision = VisionEncoder::load(&vision_path, &manifest.image_spec(), llm.n_embd())?;
+        log::info!(
+            "loading vision encoder {} (tract runtime {})",
+            vision_path.display(),
+            options.vision_runtime
+        );
+        let vision = VisionEncoder::load_on(
+            &vision_path,
+            &manifest.image_spec(),
+            llm.n_embd(),
+            &options.vision_runtime,
+        )?;
         if vision.n_tokens() != manifest.image.tokens {
             return Err(BundleError::ImageTokens {
                 vision: vision_path,

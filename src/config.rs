@@ -61,6 +61,8 @@ pub struct ModelConfig {
     pub n_ctx: u32,
     /// Layers offloaded to the GPU on CUDA builds; -1 = all.
     pub n_gpu_layers: i32,
+    /// The vision encoder's tract runtime: "cpu" (default) or "cuda" (vision-cuda builds).
+    pub vision_runtime: String,
     /// Flash attention off and an F32 KV cache: slower, matches references.
     pub exact: bool,
     /// Most tokens in one answer.
@@ -256,6 +258,7 @@ impl Default for ModelConfig {
             threads: 0,
             n_ctx: 0,
             n_gpu_layers: -1,
+            vision_runtime: crate::vision::CPU_RUNTIME.into(),
             exact: false,
             max_tokens: 256,
             temperature: 0.0,
@@ -412,6 +415,12 @@ impl Config {
         }
         if self.model.max_tokens == 0 {
             return bad("model.max_tokens", "= 0: must be at least 1".into());
+        }
+        if self.model.vision_runtime.trim().is_empty() {
+            return bad(
+                "model.vision_runtime",
+                "= \"\": must name a tract runtime: \"cpu\" (the default) or \"cuda\" (vision-cuda builds)".into(),
+            );
         }
         if self.model.temperature < 0.0 || !self.model.temperature.is_finite() {
             return bad(
@@ -591,6 +600,7 @@ mod tests {
             "threads =",
             "n_ctx =",
             "n_gpu_layers =",
+            "vision_runtime =",
             "exact =",
             "max_tokens =",
             "temperature =",
@@ -663,6 +673,11 @@ mod tests {
         assert!(e.contains("requests.queue"), "{e}");
         let e = err("[model]\ntop_p = 1.5\n");
         assert!(e.contains("model.top_p"), "{e}");
+        let e = err("[model]\nvision_runtime = \" \"\n");
+        assert!(
+            e.contains("model.vision_runtime") && e.contains("cuda"),
+            "{e}"
+        );
         let e = err("[sauce]\n");
         assert!(e.contains("sauce"), "{e}");
         let e = err("[mqtt]\nurl = \"http://x\"\n");

@@ -84,6 +84,7 @@ fn runtime_options(config: &Config, skeleton: crate::smpl::Skeleton) -> RuntimeO
             model: ModelParams {
                 n_gpu_layers: m.n_gpu_layers,
             },
+            vision_runtime: m.vision_runtime.clone(),
         },
         session: SessionParams {
             n_ctx: m.n_ctx,

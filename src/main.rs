@@ -161,6 +161,9 @@ struct ModelArgs {
     /// build).
     #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
     n_gpu_layers: i32,
+    /// The vision encoder's tract runtime: "cpu", or "cuda" on a vision-cuda build.
+    #[arg(long, default_value = posegpt_edge::vision::CPU_RUNTIME)]
+    vision_runtime: String,
     /// Body height in metres of the built-in skeleton that joint positions come from.
     #[arg(long, default_value_t = 1.70)]
     height: f32,
@@ -215,6 +218,7 @@ impl ModelArgs {
                 model: ModelParams {
                     n_gpu_layers: self.n_gpu_layers,
                 },
+                vision_runtime: self.vision_runtime.clone(),
             },
             session: SessionParams {
                 n_threads: threads as i32,

@@ -232,3 +232,60 @@ fn an_encoder_with_its_weights_in_a_separate_file() {
         ],
     );
 }
+
+fn load_on(dir: &Path, vision_runtime: &str) -> Result<Bundle, BundleError> {
+    Bundle::load(
+        dir,
+        &LoadOptions {
+            vision_runtime: vision_runtime.into(),
+            ..LoadOptions::default()
+        },
+    )
+}
+
+#[test]
+fn the_encoder_runs_on_another_tract_runtime_when_asked() {
+    // "default" is tract's generic CPU runtime: the same path a GPU runtime takes (the model
+    // prepared by the runtime itself), checkable without a GPU.
+    let dir = root().join("models/test-tiny");
+    let own = load(&dir).unwrap();
+    let other = load_on(&dir, "default").unwrap();
+    assert_eq!(own.vision.runtime(), "cpu");
+    assert_eq!(other.vision.runtime(), "default");
+    let img =
+        posegpt_edge::vision::load_image(&root().join("tests/fixtures/images/noise-57x120.png"))
+            .unwrap();
+    let (a, b) = (
+        own.vision.encode(&img).unwrap(),
+        other.vision.encode(&img).unwrap(),
+    );
+    assert_eq!(a.len(), b.len());
+    let d = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    assert!(d < 1e-4, "the two runtimes differ by {d}");
+    // A second frame reuses the runtime's state and still agrees.
+    assert_eq!(other.vision.encode(&img).unwrap(), b);
+}
+
+#[test]
+fn an_unknown_or_missing_encoder_runtime_is_named() {
+    let dir = root().join("models/test-tiny");
+    let msg = match load_on(&dir, "warp-drive") {
+        Ok(_) => panic!("an unknown runtime loaded"),
+        Err(e) => e.to_string(),
+    };
+    assert_names(
+        &msg,
+        &["vision.onnx", "\"warp-drive\"", "usable here: cpu, default"],
+    );
+    if !cfg!(feature = "vision-cuda") {
+        let msg = match load_on(&dir, "cuda") {
+            Ok(_) => panic!("cuda loaded on a build without it"),
+            Err(e) => e.to_string(),
+        };
+        assert_names(&msg, &["\"cuda\"", "--features vision-cuda"]);
+    }
+}

@@ -693,9 +693,96 @@ impl Preprocessor {
     }
 }
 
+/// The tract runtime name of the encoder's default path: this crate's own CPU plan, with its
+/// fused operators and thread handling ([`load_plan`], [`TractRunner`]).
+pub const CPU_RUNTIME: &str = "cpu";
+
+/// The tract runtime called `name` (e.g. `cuda` on a build with the `vision-cuda` feature;
+/// `default` is tract's generic CPU runtime), or an error that says which runtimes this build
+/// can use here.
+pub fn tract_runtime(name: &str) -> Result<&'static dyn Runtime, String> {
+    let usable = || {
+        // tract calls its generic CPU runtime "cpu" too; here that name is this crate's plan.
+        let mut names = vec![CPU_RUNTIME.to_string(), "default".to_string()];
+        names.extend(
+            runtimes()
+                .map(|r| r.name().to_string())
+                .filter(|n| n != "cpu"),
+        );
+        names.join(", ")
+    };
+    match runtime_for_name(name) {
+        Ok(Some(rt)) => Ok(rt),
+        Ok(None) => Err(format!(
+            "tract runtime {name:?} is not in this build (usable here: {}; \"cuda\" needs a build \
+             with --features vision-cuda)",
+            usable()
+        )),
+        Err(e) => Err(format!(
+            "tract runtime {name:?} cannot run here: {e:#} (usable here: {})",
+            usable()
+        )),
+    }
+}
+
+/// An encoder plan prepared by a tract runtime other than [`CPU_RUNTIME`], for a
+/// `[1,3,size,size]` input, with its output shape.
+pub fn prepare_on_runtime(
+    path: &Path,
+    size: Option<usize>,
+    runtime: &str,
+) -> Result<(Box<dyn Runnable>, Vec<usize>), VisionError> {
+    let err = |reason: String| VisionError::Model {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let rt = tract_runtime(runtime).map_err(err)?;
+    let model = load_typed(path, size)?;
+    let output = model
+        .output_fact(0)
+        .ok()
+        .and_then(|f| f.shape.as_concrete().map(|d| d.to_vec()))
+        .unwrap_or_default();
+    let runnable = rt.prepare(model).map_err(|e| {
+        err(format!(
+            "tract runtime {runtime:?} cannot prepare it: {e:#}"
+        ))
+    })?;
+    Ok((runnable, output))
+}
+
+/// How the encoder runs: the CPU plan, or a plan another tract runtime prepared.
+enum EncoderRunner {
+    Cpu(TractRunner),
+    Runtime {
+        /// Kept from one run to the next; rebuilt after a failed run.
+        state: std::sync::Mutex<Option<Box<dyn State>>>,
+        runnable: Box<dyn Runnable>,
+    },
+}
+
+impl EncoderRunner {
+    fn run(&self, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        match self {
+            EncoderRunner::Cpu(runner) => runner.run(inputs),
+            EncoderRunner::Runtime { state, runnable } => {
+                let mut slot = state.lock().unwrap_or_else(|p| p.into_inner());
+                let mut st = match slot.take() {
+                    Some(st) => st,
+                    None => runnable.spawn()?,
+                };
+                let out = st.run(inputs)?;
+                *slot = Some(st);
+                Ok(out)
+            }
+        }
+    }
+}
+
 /// The vision tower + projector: normalised pixels `[1,3,S,S]` → image embeddings `[N, n_embd]`.
 pub struct VisionEncoder {
-    runner: TractRunner,
+    runner: EncoderRunner,
+    runtime: String,
     preprocessor: std::sync::Arc<Preprocessor>,
     n_tokens: usize,
     n_embd: usize,
@@ -705,7 +792,26 @@ impl VisionEncoder {
     /// Load and optimise the ONNX model for a fixed input size, and check that its output is
     /// `[tokens, n_embd]`.
     pub fn load(path: &Path, spec: &ImageSpec, n_embd: usize) -> Result<Self, VisionError> {
-        let (plan, got) = load_plan(path, Some(spec.size as usize))?;
+        Self::load_on(path, spec, n_embd, CPU_RUNTIME)
+    }
+
+    /// [`VisionEncoder::load`] for the tract runtime `runtime`: [`CPU_RUNTIME`] (the default
+    /// path) or another one this build has, e.g. `cuda` (docs/performance.md compares them).
+    pub fn load_on(
+        path: &Path,
+        spec: &ImageSpec,
+        n_embd: usize,
+        runtime: &str,
+    ) -> Result<Self, VisionError> {
+        let size = Some(spec.size as usize);
+        let (runner, got) = if runtime == CPU_RUNTIME {
+            let (plan, got) = load_plan(path, size)?;
+            (EncoderRunner::Cpu(TractRunner::new(plan)), got)
+        } else {
+            let (runnable, got) = prepare_on_runtime(path, size, runtime)?;
+            let state = std::sync::Mutex::new(None);
+            (EncoderRunner::Runtime { state, runnable }, got)
+        };
         if got.len() != 2 || got[1] != n_embd {
             return Err(VisionError::OutputShape {
                 path: path.to_path_buf(),
@@ -714,11 +820,17 @@ impl VisionEncoder {
             });
         }
         Ok(Self {
-            runner: TractRunner::new(plan),
+            runner,
+            runtime: runtime.to_string(),
             preprocessor: std::sync::Arc::new(Preprocessor::new(spec)),
             n_tokens: got[0],
             n_embd,
         })
+    }
+
+    /// The tract runtime this encoder runs on ([`CPU_RUNTIME`] unless chosen otherwise).
+    pub fn runtime(&self) -> &str {
+        &self.runtime
     }
 
     /// Number of image tokens (embedding rows) per image.
