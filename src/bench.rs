@@ -438,21 +438,10 @@ fn onnx_weight_bytes(path: &Path) -> Result<u64> {
 /// The tract runtime `bench-vision` uses by default: the product's own CPU plan.
 pub use crate::vision::CPU_RUNTIME;
 
-/// How a benchmarked encoder runs.
-enum EncoderRun {
-    /// As the daemon runs it (the product's CPU plan and runner).
-    Product(crate::vision::TractRunner),
-    /// Prepared by another tract runtime (e.g. `cuda`), its run state kept between runs.
-    Runtime {
-        state: std::sync::Mutex<Box<dyn tract_onnx::prelude::State>>,
-        _runnable: Box<dyn tract_onnx::prelude::Runnable>,
-    },
-}
-
 /// A loaded vision encoder with its input, ready to be run as the daemon runs it (or as another
 /// tract runtime runs it).
 struct VisionUnderTest {
-    run: EncoderRun,
+    run: crate::vision::EncoderRunner,
     input: tract_onnx::prelude::Tensor,
     size: usize,
     output: Vec<usize>,
@@ -483,31 +472,8 @@ impl VisionUnderTest {
     fn load_on(onnx: &Path, threads: usize, runtime: &str) -> Result<Self> {
         crate::set_tract_threads(threads);
         let t = Instant::now();
-        let (run, size, output) = if runtime == CPU_RUNTIME {
-            let (plan, output) = crate::vision::load_plan(onnx, None)?;
-            let size = plan
-                .model()
-                .input_fact(0)?
-                .shape
-                .as_concrete()
-                .map_or(0, |d| d[3]);
-            // The run state is kept from one run to the next, as the daemon's encoder keeps it.
-            let run = EncoderRun::Product(crate::vision::TractRunner::new(plan));
-            (run, size, output)
-        } else {
-            let (runnable, output) = crate::vision::prepare_on_runtime(onnx, None, runtime)?;
-            let size = runnable
-                .input_fact(0)?
-                .shape
-                .as_concrete()
-                .and_then(|d| d.get(3).copied())
-                .unwrap_or(0);
-            let run = EncoderRun::Runtime {
-                state: std::sync::Mutex::new(runnable.spawn()?),
-                _runnable: runnable,
-            };
-            (run, size, output)
-        };
+        // The run state is kept from one run to the next, as the daemon's encoder keeps it.
+        let (run, size, output) = crate::vision::EncoderRunner::load(onnx, None, runtime)?;
         let load_s = t.elapsed().as_secs_f64();
         Ok(Self {
             run,
@@ -521,13 +487,7 @@ impl VisionUnderTest {
     /// One run's output.
     fn run_once(&self) -> Result<tract_onnx::prelude::TValue> {
         let inputs = tvec![self.input.clone().into()];
-        let out = match &self.run {
-            EncoderRun::Product(runner) => runner.run(inputs)?,
-            EncoderRun::Runtime { state, .. } => state
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .run(inputs)?,
-        };
+        let out = self.run.run(inputs)?;
         out.into_iter().next().context("the encoder has no output")
     }
 
@@ -539,10 +499,7 @@ impl VisionUnderTest {
     }
 
     fn product_runner(&self) -> Option<&crate::vision::TractRunner> {
-        match &self.run {
-            EncoderRun::Product(runner) => Some(runner),
-            EncoderRun::Runtime { .. } => None,
-        }
+        self.run.cpu()
     }
 }
 

@@ -727,7 +727,7 @@ pub fn tract_runtime(name: &str) -> Result<&'static dyn Runtime, String> {
 
 /// An encoder plan prepared by a tract runtime other than [`CPU_RUNTIME`], for a
 /// `[1,3,size,size]` input, with its output shape.
-pub fn prepare_on_runtime(
+fn prepare_on_runtime(
     path: &Path,
     size: Option<usize>,
     runtime: &str,
@@ -751,18 +751,49 @@ pub fn prepare_on_runtime(
     Ok((runnable, output))
 }
 
-/// How the encoder runs: the CPU plan, or a plan another tract runtime prepared.
-enum EncoderRunner {
+/// How an encoder runs: this crate's CPU plan, or a plan another tract runtime prepared. Either
+/// keeps its run state from one run to the next and rebuilds it after a failed run.
+pub(crate) enum EncoderRunner {
     Cpu(TractRunner),
     Runtime {
-        /// Kept from one run to the next; rebuilt after a failed run.
         state: std::sync::Mutex<Option<Box<dyn State>>>,
         runnable: Box<dyn Runnable>,
     },
 }
 
 impl EncoderRunner {
-    fn run(&self, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+    /// Load an encoder ONNX file on `runtime` for a `[1,3,size,size]` input (`None`: the size
+    /// the file declares); returns the runner, the input size and the output shape.
+    pub(crate) fn load(
+        path: &Path,
+        size: Option<usize>,
+        runtime: &str,
+    ) -> Result<(Self, usize, Vec<usize>), VisionError> {
+        let side = |shape: Option<&[usize]>| shape.and_then(|d| d.get(3).copied()).unwrap_or(0);
+        if runtime == CPU_RUNTIME {
+            let (plan, got) = load_plan(path, size)?;
+            let s = side(
+                plan.model()
+                    .input_fact(0)
+                    .ok()
+                    .and_then(|f| f.shape.as_concrete()),
+            );
+            Ok((EncoderRunner::Cpu(TractRunner::new(plan)), s, got))
+        } else {
+            let (runnable, got) =
+                crate::llm::heap::loading_weights(|| prepare_on_runtime(path, size, runtime))?;
+            let s = side(
+                runnable
+                    .input_fact(0)
+                    .ok()
+                    .and_then(|f| f.shape.as_concrete()),
+            );
+            let state = std::sync::Mutex::new(None);
+            Ok((EncoderRunner::Runtime { state, runnable }, s, got))
+        }
+    }
+
+    pub(crate) fn run(&self, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         match self {
             EncoderRunner::Cpu(runner) => runner.run(inputs),
             EncoderRunner::Runtime { state, runnable } => {
@@ -775,6 +806,14 @@ impl EncoderRunner {
                 *slot = Some(st);
                 Ok(out)
             }
+        }
+    }
+
+    /// The CPU plan's runner, where this is one.
+    pub(crate) fn cpu(&self) -> Option<&TractRunner> {
+        match self {
+            EncoderRunner::Cpu(runner) => Some(runner),
+            EncoderRunner::Runtime { .. } => None,
         }
     }
 }
@@ -803,15 +842,7 @@ impl VisionEncoder {
         n_embd: usize,
         runtime: &str,
     ) -> Result<Self, VisionError> {
-        let size = Some(spec.size as usize);
-        let (runner, got) = if runtime == CPU_RUNTIME {
-            let (plan, got) = load_plan(path, size)?;
-            (EncoderRunner::Cpu(TractRunner::new(plan)), got)
-        } else {
-            let (runnable, got) = prepare_on_runtime(path, size, runtime)?;
-            let state = std::sync::Mutex::new(None);
-            (EncoderRunner::Runtime { state, runnable }, got)
-        };
+        let (runner, _, got) = EncoderRunner::load(path, Some(spec.size as usize), runtime)?;
         if got.len() != 2 || got[1] != n_embd {
             return Err(VisionError::OutputShape {
                 path: path.to_path_buf(),
