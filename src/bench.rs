@@ -5,6 +5,7 @@ use crate::llm::{Model, ModelParams, Segment, Session, SessionParams, Token};
 use crate::posegpt::PoseGpt;
 use crate::smpl::model::as_joint_rotations;
 use crate::vision::decode_image;
+use crate::vision::CPU_RUNTIME;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::path::Path;
@@ -435,9 +436,6 @@ fn onnx_weight_bytes(path: &Path) -> Result<u64> {
         .sum())
 }
 
-/// The tract runtime `bench-vision` uses by default: the product's own CPU plan.
-pub use crate::vision::CPU_RUNTIME;
-
 /// A loaded vision encoder with its input, ready to be run as the daemon runs it (or as another
 /// tract runtime runs it).
 struct VisionUnderTest {
@@ -496,10 +494,6 @@ impl VisionUnderTest {
         let t = Instant::now();
         self.run_once()?;
         Ok(t.elapsed().as_secs_f64() * 1e3)
-    }
-
-    fn product_runner(&self) -> Option<&crate::vision::TractRunner> {
-        self.run.cpu()
     }
 }
 
@@ -580,7 +574,7 @@ pub fn vision_bench(
         }
     }
     let peak_rss_bytes = proc_status_bytes("VmHWM");
-    let profile = match vision.product_runner() {
+    let profile = match vision.run.cpu() {
         Some(runner) if profile => profile_run(runner, &vision.input, iterations)?,
         _ => Vec::new(),
     };

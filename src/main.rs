@@ -120,7 +120,7 @@ enum Command {
         paced: bool,
         /// The tract runtime that runs it: "cpu" (the product's plan) or, on a build with the
         /// vision-cuda feature and a GPU, "cuda" (its output is then also compared with cpu's).
-        #[arg(long, default_value = posegpt_edge::bench::CPU_RUNTIME, conflicts_with_all = ["profile", "paced"])]
+        #[arg(long, default_value = posegpt_edge::vision::CPU_RUNTIME, conflicts_with_all = ["profile", "paced"])]
         runtime: String,
     },
     /// Quantise a GGUF LLM with llama.cpp's quantiser (e.g. a converted bundle's llm.gguf).

@@ -1,12 +1,11 @@
 //! Every bundle error of the model runtime issue, on broken copies of models/test-tiny in a
 //! temporary folder: each must be one clear error naming the file (and key) at fault.
 
-use posegpt_edge::bundle::{Bundle, BundleError, LoadOptions};
-use std::path::{Path, PathBuf};
+mod common;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use common::{max_abs_diff, root};
+use posegpt_edge::bundle::{Bundle, BundleError, LoadOptions};
+use std::path::Path;
 
 /// A fresh copy of the tiny bundle to break.
 fn copy_bundle() -> tempfile::TempDir {
@@ -259,12 +258,7 @@ fn the_encoder_runs_on_another_tract_runtime_when_asked() {
         own.vision.encode(&img).unwrap(),
         other.vision.encode(&img).unwrap(),
     );
-    assert_eq!(a.len(), b.len());
-    let d = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max);
+    let d = max_abs_diff(&a, &b);
     assert!(d < 1e-4, "the two runtimes differ by {d}");
     // A second frame reuses the runtime's state and still agrees.
     assert_eq!(other.vision.encode(&img).unwrap(), b);

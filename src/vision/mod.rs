@@ -618,8 +618,34 @@ pub(crate) fn fma_per_run(model: &TypedModel) -> u64 {
 #[derive(Debug)]
 pub(crate) struct TractRunner {
     plan: std::sync::Arc<TypedRunnableModel>,
-    state: std::sync::Mutex<Option<TypedSimpleState>>,
+    state: KeptState<TypedSimpleState>,
     on_pool: bool,
+}
+
+/// A plan's run state kept from one run to the next (spawned on first use); a failed run drops
+/// it, so the next run starts from a fresh one.
+#[derive(Debug)]
+pub(crate) struct KeptState<S>(std::sync::Mutex<Option<S>>);
+
+impl<S> KeptState<S> {
+    fn new() -> Self {
+        Self(std::sync::Mutex::new(None))
+    }
+
+    fn run<R>(
+        &self,
+        spawn: impl FnOnce() -> TractResult<S>,
+        run: impl FnOnce(&mut S) -> TractResult<R>,
+    ) -> TractResult<R> {
+        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = match slot.take() {
+            Some(state) => state,
+            None => spawn()?,
+        };
+        let out = run(&mut state)?;
+        *slot = Some(state);
+        Ok(out)
+    }
 }
 
 impl TractRunner {
@@ -627,20 +653,16 @@ impl TractRunner {
         let on_pool = fma_per_run(plan.model()) >= POOL_MIN_FMA;
         Self {
             plan,
-            state: std::sync::Mutex::new(None),
+            state: KeptState::new(),
             on_pool,
         }
     }
 
     pub(crate) fn run(&self, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let mut slot = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let mut state = match slot.take() {
-            Some(state) => state,
-            None => self.plan.spawn()?,
-        };
-        let out = self.on_its_thread(|| state.run(inputs))?;
-        *slot = Some(state);
-        Ok(out)
+        self.state.run(
+            || self.plan.spawn(),
+            |state| self.on_its_thread(|| state.run(inputs)),
+        )
     }
 
     /// Run `f` where this plan's runs happen: on tract's pool for a large plan, else here.
@@ -756,7 +778,7 @@ fn prepare_on_runtime(
 pub(crate) enum EncoderRunner {
     Cpu(TractRunner),
     Runtime {
-        state: std::sync::Mutex<Option<Box<dyn State>>>,
+        state: KeptState<Box<dyn State>>,
         runnable: Box<dyn Runnable>,
     },
 }
@@ -788,7 +810,7 @@ impl EncoderRunner {
                     .ok()
                     .and_then(|f| f.shape.as_concrete()),
             );
-            let state = std::sync::Mutex::new(None);
+            let state = KeptState::new();
             Ok((EncoderRunner::Runtime { state, runnable }, s, got))
         }
     }
@@ -797,14 +819,7 @@ impl EncoderRunner {
         match self {
             EncoderRunner::Cpu(runner) => runner.run(inputs),
             EncoderRunner::Runtime { state, runnable } => {
-                let mut slot = state.lock().unwrap_or_else(|p| p.into_inner());
-                let mut st = match slot.take() {
-                    Some(st) => st,
-                    None => runnable.spawn()?,
-                };
-                let out = st.run(inputs)?;
-                *slot = Some(st);
-                Ok(out)
+                state.run(|| runnable.spawn(), |state| state.run(inputs))
             }
         }
     }
