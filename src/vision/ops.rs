@@ -10,17 +10,22 @@
 //! cover (masks, biases, cached keys, extra outputs, another normalised axis) keep tract's own
 //! implementation.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
+use tract_linalg::mmm::{
+    EagerPackedInput, MMMInputFormat, MMMInputValue, PackedExoticFact, PackedMatrixStorage,
+};
 use tract_linalg::multithread::{current_tract_executor, Executor};
+use tract_linalg::pack::PackedFormat;
 use tract_linalg::Func;
 use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::NodeProto;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ndarray::{ArrayViewMut2, ArrayViewMut3, Axis, Ix3};
+use tract_onnx::tract_core::ops::matmul::pack::{DynPackedExoticFact, OptMatMulPack};
 use tract_onnx::tract_hir::internal::{
     check_input_arity, check_output_arity, expand, Expansion, InferenceOp, InferenceResult, Solver,
     TensorProxy,
@@ -120,6 +125,357 @@ fn tract_pool(worth_it: bool) -> Option<std::sync::Arc<rayon::ThreadPool>> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Writing straight into the next product's packed operand
+
+/// Where a fused operator writes its output when its one reader is tract's packing of a matrix
+/// product's input (`OptMatMulPack`): in the panel layout that packing would produce, so that
+/// the separate pass over the activations — which onnxruntime's products do not need — goes
+/// (46 passes per ViT-B run, 1.7–2 % of it; docs/performance.md).
+#[derive(Debug, Clone)]
+pub struct PackInto {
+    /// The packing's formats: one, or a vector's and a matrix's, chosen by the rows' count.
+    packers: Vec<Box<dyn MMMInputFormat>>,
+}
+
+impl PartialEq for PackInto {
+    fn eq(&self, other: &Self) -> bool {
+        self.packers == other.packers
+    }
+}
+
+/// What an operand was made for (features, rows, panel width, alignment): reused only for
+/// exactly that, so its padding and the unused rows of its last panel are still zero.
+type PackKey = (usize, usize, usize, usize);
+
+/// Operands handed out before, shared by every fused operator of the process: one whose product
+/// has dropped it is written again instead of allocating and zeroing a new one (safe code can
+/// only get an aligned buffer by copying one in). Free operands beyond one per shape are let go,
+/// so this holds about one of each activation shape in flight.
+static OPERANDS: Mutex<Vec<(PackKey, Arc<Blob>)>> = Mutex::new(Vec::new());
+
+impl PackInto {
+    /// `node`'s packed form when it can be fused: its output feeds only a packing of rows
+    /// (second-last axis) by features (last axis) in f32 panels, and is not a model output.
+    fn for_node(model: &TypedModel, node: &TypedNode) -> TractResult<Option<PackInto>> {
+        let outlet = OutletId::new(node.id, 0);
+        if node.outputs.len() != 1 || model.outputs.contains(&outlet) {
+            return Ok(None);
+        }
+        let Some(succ) = model.single_succ(node.id)? else {
+            return Ok(None);
+        };
+        if succ.op_as::<OptMatMulPack>().is_none() {
+            return Ok(None);
+        }
+        let input = model.outlet_fact(outlet)?;
+        let output = model.outlet_fact(OutletId::new(succ.id, 0))?;
+        let rank = input.rank();
+        if rank < 2 || input.datum_type != f32::datum_type() || input.shape.as_concrete().is_none()
+        {
+            return Ok(None);
+        }
+        let mapping = succ.op.axes_mapping(&[input], &[output])?;
+        let (k_axis, mn_axis) = (
+            mapping.axis('K')?.inputs[0][0],
+            mapping.axis('M')?.inputs[0][0],
+        );
+        let Some(fact) = output
+            .exotic_fact()
+            .and_then(|f| f.downcast_ref::<DynPackedExoticFact>())
+        else {
+            return Ok(None);
+        };
+        let plain_f32 = |p: &dyn MMMInputFormat| {
+            p.downcast_ref::<PackedFormat>()
+                .is_some_and(|f| f.dt == f32::datum_type() && f.r > 0)
+        };
+        if k_axis != rank - 1
+            || mn_axis != rank - 2
+            || !(1..=2).contains(&fact.packers.len())
+            || !fact.packers.iter().all(|p| plain_f32(&**p))
+            || output.shape.dims() != &input.shape.dims()[..rank - 2]
+        {
+            return Ok(None);
+        }
+        Ok(Some(PackInto {
+            packers: fact.packers.clone(),
+        }))
+    }
+
+    /// The output fact: what the packing node declared.
+    fn fact(&self, input: &TypedFact) -> TractResult<TypedFact> {
+        let rank = input.rank();
+        ensure!(rank >= 2);
+        let exotic = DynPackedExoticFact {
+            k: input.shape[rank - 1].clone(),
+            mn: input.shape[rank - 2].clone(),
+            packers: self.packers.clone(),
+        };
+        Ok(f32::fact(&input.shape.dims()[..rank - 2]).with_exotic_fact(exotic))
+    }
+
+    /// Empty operands for `batch` matrices of `mn` rows by `k` features, as the packing would
+    /// choose their format (the vector format for one row where there are two).
+    fn operands(&self, shape: &[usize]) -> TractResult<PackedRows> {
+        let rank = shape.len();
+        ensure!(rank >= 2);
+        let (mn, k) = (shape[rank - 2], shape[rank - 1]);
+        let pick = if self.packers.len() == 2 {
+            (mn > 1) as usize
+        } else {
+            0
+        };
+        let format = self.packers[pick]
+            .downcast_ref::<PackedFormat>()
+            .context("fused operands are plain packed panels")?
+            .clone();
+        let panel_len = format.single_panel_len(k);
+        let bytes = format.len(k, mn) * 4;
+        let key = (k, mn, format.r, format.alignment_bytes);
+        let batch: usize = shape[..rank - 2].iter().product();
+        let mut pool = OPERANDS.lock().unwrap_or_else(|e| e.into_inner());
+        let mut blobs = Vec::with_capacity(batch);
+        while blobs.len() < batch {
+            let reused = pool
+                .iter()
+                .position(|(k, b)| *k == key && Arc::strong_count(b) == 1)
+                .map(|ix| pool.swap_remove(ix).1);
+            let blob = match reused {
+                Some(b) => b,
+                None => {
+                    log::trace!("new packed operand: {bytes} bytes for {key:?}");
+                    Arc::new(Blob::from_bytes_alignment(
+                        &vec![0u8; bytes],
+                        format.alignment_bytes,
+                    )?)
+                }
+            };
+            blobs.push(blob);
+        }
+        // Keep the operands still in use and one free operand per shape.
+        let mut free: Vec<PackKey> = Vec::new();
+        pool.retain(|(k, b)| {
+            if Arc::strong_count(b) > 1 {
+                return true;
+            }
+            let keep = !free.contains(k);
+            free.push(*k);
+            keep
+        });
+        drop(pool);
+        Ok(PackedRows {
+            format,
+            k,
+            mn,
+            panel_len,
+            blobs,
+            batch_shape: shape[..rank - 2].into(),
+            key,
+        })
+    }
+}
+
+/// Operands being written: per matrix, `mn` rows of `k` features in panels of `r` rows, each
+/// panel feature-major (feature c of row j at c·r + j).
+struct PackedRows {
+    format: PackedFormat,
+    k: usize,
+    mn: usize,
+    panel_len: usize,
+    blobs: Vec<Arc<Blob>>,
+    batch_shape: TVec<usize>,
+    key: PackKey,
+}
+
+impl PackedRows {
+    fn r(&self) -> usize {
+        self.format.r
+    }
+
+    fn panels_per_matrix(&self) -> usize {
+        self.mn.div_ceil(self.r())
+    }
+
+    /// Every panel's feature records (padding excluded), matrix by matrix.
+    fn panels_mut(&mut self) -> TractResult<Vec<&mut [f32]>> {
+        let (k, r, len, per) = (self.k, self.r(), self.panel_len, self.panels_per_matrix());
+        let mut panels = Vec::with_capacity(self.blobs.len() * per);
+        for blob in &mut self.blobs {
+            let blob = Arc::get_mut(blob).context("a packed operand is still in use")?;
+            let floats: &mut [f32] = bytemuck::try_cast_slice_mut(blob.as_bytes_mut())
+                .map_err(|e| format_err!("packed operand: {e}"))?;
+            panels.extend(
+                floats
+                    .chunks_exact_mut(len)
+                    .take(per)
+                    .map(|p| &mut p[..k * r]),
+            );
+        }
+        Ok(panels)
+    }
+
+    /// The rows of row-major input `x` that each panel holds.
+    fn rows<'x>(&self, x: &'x [f32]) -> Vec<&'x [f32]> {
+        let (matrix, panel) = ((self.mn * self.k).max(1), (self.r() * self.k).max(1));
+        x.chunks(matrix).flat_map(|m| m.chunks(panel)).collect()
+    }
+
+    /// [`Self::rows`], writable.
+    fn rows_mut<'x>(&self, x: &'x mut [f32]) -> Vec<&'x mut [f32]> {
+        let (matrix, panel) = ((self.mn * self.k).max(1), (self.r() * self.k).max(1));
+        x.chunks_mut(matrix)
+            .flat_map(|m| m.chunks_mut(panel))
+            .collect()
+    }
+
+    fn into_tensor(self) -> TractResult<Tensor> {
+        let fact = PackedExoticFact {
+            format: Box::new(self.format.clone()),
+            mn: self.mn.to_dim(),
+            k: self.k,
+        };
+        let mut pool = OPERANDS.lock().unwrap_or_else(|e| e.into_inner());
+        let values = self
+            .blobs
+            .into_iter()
+            .map(|blob| {
+                pool.push((self.key, blob.clone()));
+                Box::new(EagerPackedInput {
+                    fact: fact.clone(),
+                    packed: blob,
+                    panel_bytes: self.panel_len * 4,
+                    mn: self.mn,
+                }) as Box<dyn MMMInputValue>
+            })
+            .collect();
+        Ok(PackedMatrixStorage::new_batched(&self.batch_shape, values)
+            .into_tensor(f32::datum_type()))
+    }
+}
+
+thread_local! {
+    /// Each thread's block of rows on their way into a panel.
+    static ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `write(rows, panel)` for every panel of `out` with the input rows it covers (from
+/// [`PackedRows::rows`] or [`PackedRows::rows_mut`]), on tract's threads where given.
+fn for_each_panel<R: Send>(
+    out: &mut PackedRows,
+    rows: Vec<R>,
+    pool: Option<Arc<rayon::ThreadPool>>,
+    write: impl Fn(R, &mut [f32]) -> TractResult<()> + Sync,
+) -> TractResult<()> {
+    let panels = out.panels_mut()?;
+    ensure!(
+        rows.len() == panels.len(),
+        "packed operand and input disagree"
+    );
+    let tasks: Vec<(R, &mut [f32])> = rows.into_iter().zip(panels).collect();
+    let task = |(rows, panel): (R, &mut [f32])| write(rows, panel);
+    match pool {
+        Some(pool) => {
+            use rayon::prelude::*;
+            pool.install(|| tasks.into_par_iter().try_for_each(task))
+        }
+        None => tasks.into_iter().try_for_each(task),
+    }
+}
+
+/// tract's fusing pass, for an operator that can write the next product's packed operand:
+/// `packed` says whether it already does, `make` builds it with `pack`.
+fn fuse_pack<O: TypedOp>(
+    model: &TypedModel,
+    node: &TypedNode,
+    packed: bool,
+    make: impl FnOnce(PackInto) -> O,
+) -> TractResult<Option<TypedModelPatch>> {
+    if packed {
+        return Ok(None);
+    }
+    match PackInto::for_node(model, node)? {
+        Some(pack) => {
+            log::trace!(
+                "{}: written as the next product's packed operand",
+                node.name
+            );
+            TypedModelPatch::fuse_with_next(model, node, make(pack)).map(Some)
+        }
+        None => Ok(None),
+    }
+}
+
+/// What [`rows_into_panel`] multiplies each row by.
+#[derive(Clone, Copy)]
+enum Scale<'s> {
+    All(f32),
+    PerRow(&'s [f32]),
+}
+
+impl Scale<'_> {
+    fn row(&self, j: usize) -> f32 {
+        match self {
+            Scale::All(s) => *s,
+            Scale::PerRow(s) => s[j],
+        }
+    }
+}
+
+/// Rows (`k` features each, at most `r` of them) into one panel, row j multiplied by
+/// `scale`: feature c of row j at c·r + j.
+fn rows_into_panel(rows: &[f32], k: usize, r: usize, scale: Scale, panel: &mut [f32]) {
+    match r {
+        4 => full_panel::<4>(rows, k, scale, panel),
+        6 => full_panel::<6>(rows, k, scale, panel),
+        8 => full_panel::<8>(rows, k, scale, panel),
+        12 => full_panel::<12>(rows, k, scale, panel),
+        16 => full_panel::<16>(rows, k, scale, panel),
+        _ => any_panel(rows, k, r, scale, panel),
+    }
+}
+
+/// A panel of `R` rows, eight features at a time: an `R`×8 block read row by row and written
+/// feature by feature, which the compiler turns into shuffles (3–4× the strided stores of
+/// [`any_panel`] on a 197 × 768 input).
+fn full_panel<const R: usize>(rows: &[f32], k: usize, scale: Scale, panel: &mut [f32]) {
+    if rows.len() != R * k {
+        return any_panel(rows, k, R, scale, panel);
+    }
+    let scale: [f32; R] = std::array::from_fn(|j| scale.row(j));
+    let blocks = k / 8;
+    for (b, out) in panel[..blocks * 8 * R].chunks_exact_mut(8 * R).enumerate() {
+        let c = b * 8;
+        let block: [[f32; 8]; R] = std::array::from_fn(|j| {
+            rows[j * k + c..j * k + c + 8]
+                .try_into()
+                .expect("eight features")
+        });
+        let mut records = [[0f32; R]; 8];
+        for (i, record) in records.iter_mut().enumerate() {
+            for (j, x) in record.iter_mut().enumerate() {
+                *x = block[j][i] * scale[j];
+            }
+        }
+        out.copy_from_slice(records.as_flattened());
+    }
+    for c in blocks * 8..k {
+        for j in 0..R {
+            panel[c * R + j] = rows[j * k + c] * scale[j];
+        }
+    }
+}
+
+/// Any panel, the last one's fewer rows included.
+fn any_panel(rows: &[f32], k: usize, r: usize, scale: Scale, panel: &mut [f32]) {
+    for (j, row) in rows.chunks_exact(k).enumerate() {
+        let s = scale.row(j);
+        for (slot, &x) in panel[j..].iter_mut().step_by(r).zip(row) {
+            *slot = x * s;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Attention
 
 #[derive(Debug, Clone)]
@@ -183,6 +539,7 @@ impl Expansion for AttentionExpansion {
             Attention {
                 heads: self.heads,
                 scale: self.scale,
+                pack: None,
             },
             inputs,
         )
@@ -195,6 +552,8 @@ pub struct Attention {
     pub heads: usize,
     /// Default 1/√(head width).
     pub scale: Option<f32>,
+    /// Written as the next product's packed operand (set by tract's fusing pass).
+    pub pack: Option<PackInto>,
 }
 
 impl Eq for Attention {}
@@ -219,7 +578,18 @@ impl TypedOp for Attention {
         ensure!(inputs.len() == 3);
         let q = &inputs[0].shape;
         let v = &inputs[2].shape;
-        Ok(tvec!(f32::fact([q[0].clone(), q[1].clone(), v[2].clone()])))
+        let plain = f32::fact([q[0].clone(), q[1].clone(), v[2].clone()]);
+        Ok(tvec!(match &self.pack {
+            Some(pack) => pack.fact(&plain)?,
+            None => plain,
+        }))
+    }
+
+    fn fuse(&self, model: &TypedModel, node: &TypedNode) -> TractResult<Option<TypedModelPatch>> {
+        fuse_pack(model, node, self.pack.is_some(), |pack| Attention {
+            pack: Some(pack),
+            ..self.clone()
+        })
     }
 
     fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
@@ -252,6 +622,47 @@ impl EvalOp for Attention {
             v.as_slice().context(contiguous)?,
         );
         let exp = Func::Exp.ew_f32()?;
+        let products = batch * self.heads * tokens * keys * (d + dv);
+        let pool = tract_pool(products >= MIN_PARALLEL_WORK);
+        if let Some(pack) = &self.pack {
+            // Each head writes its own feature records of every panel.
+            let mut out = pack.operands(&[batch, tokens, self.heads * dv])?;
+            let (r, per) = (out.r(), out.panels_per_matrix());
+            let mut slabs: Vec<Vec<&mut [f32]>> = (0..self.heads)
+                .map(|_| Vec::with_capacity(batch * per))
+                .collect();
+            for panel in out.panels_mut()? {
+                for (h, slab) in panel.chunks_exact_mut(dv * r).enumerate() {
+                    slabs[h].push(slab);
+                }
+            }
+            let mut heads: Vec<_> = slabs.into_iter().enumerate().collect();
+            let run = |(h, slabs): &mut (usize, Vec<&mut [f32]>)| {
+                let h = *h;
+                slabs
+                    .chunks_mut(per)
+                    .enumerate()
+                    .try_for_each(|(b, panels)| {
+                        attend(
+                            head(q, b, h, tokens, width, d),
+                            head(k, b, h, keys, width, d),
+                            head(v, b, h, keys, width_v, dv),
+                            scale,
+                            &exp,
+                            HeadOut::Panels(panels, r),
+                        )
+                    })
+            };
+            match pool {
+                Some(pool) => {
+                    use rayon::prelude::*;
+                    pool.install(|| heads.par_iter_mut().try_for_each(run))?
+                }
+                None => heads.iter_mut().try_for_each(run)?,
+            }
+            drop(heads);
+            return Ok(tvec!(out.into_tensor()?.into_tvalue()));
+        }
         // The output is made as a tensor and written in place: an ndarray turned into a tensor
         // afterwards is copied once more (0.3 ms per ViT-B layer).
         let mut out = Tensor::zero::<f32>(&[batch, tokens, self.heads * dv])?;
@@ -269,12 +680,11 @@ impl EvalOp for Attention {
                     head(v, b, h, keys, width_v, dv),
                     scale,
                     &exp,
-                    o.index_axis_mut(Axis(0), b),
+                    HeadOut::Rows(o.index_axis_mut(Axis(0), b)),
                 )
             })
         };
-        let products = batch * self.heads * tokens * keys * (d + dv);
-        match tract_pool(products >= MIN_PARALLEL_WORK) {
+        match pool {
             Some(pool) => {
                 use rayon::prelude::*;
                 pool.install(|| heads.par_iter_mut().try_for_each(run))?
@@ -286,14 +696,22 @@ impl EvalOp for Attention {
     }
 }
 
+/// Where a head's `[tokens, dv]` output goes.
+enum HeadOut<'o, 'a> {
+    /// Its columns of a row-major output.
+    Rows(ArrayViewMut2<'a, f32>),
+    /// Its feature records of every panel of a packed operand (panels of `r` rows).
+    Panels(&'o mut [&'a mut [f32]], usize),
+}
+
 /// tract's vectorised exponential, run over a whole score block at once (one call per row costs
 /// more than the exponentials of a 197-token row).
 type Exp = Box<dyn tract_linalg::element_wise::ElementWise<f32>>;
 
 thread_local! {
     /// Each thread's attention-score block and head output, kept from one head to the next.
-    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
 /// Head `h` of batch `b`: columns h·d..(h+1)·d of a row-major `[rows, width]` block.
@@ -311,9 +729,9 @@ fn attend(
     v: MatRef<f32>,
     scale: f32,
     exp: &Exp,
-    mut out: ArrayViewMut2<f32>,
+    out: HeadOut,
 ) -> TractResult<()> {
-    SCRATCH.with_borrow_mut(|(scores, values)| {
+    SCRATCH.with_borrow_mut(|(scores, values, inverse)| {
         let (rows, keys, dv) = (q.nrows(), k.nrows(), v.ncols());
         scores.resize(rows * keys, 0.0);
         values.resize(rows * dv, 0.0);
@@ -329,17 +747,35 @@ fn attend(
         matmul(o, Accum::Replace, s, v, 1.0, Par::Seq);
         // Normalising the [tokens, dv] output instead of the [tokens, keys] weights: fewer
         // products.
-        for ((mut row, weights), value) in out
-            .rows_mut()
-            .into_iter()
-            .zip(scores.chunks_exact(keys))
-            .zip(values.chunks_exact(dv))
-        {
-            let inv = 1.0 / sum8(weights, |x| x);
-            // As a slice: ndarray's element iterator does not vectorise (19.7 → 10 µs per
-            // ViT-B head).
-            let row = row.as_slice_mut().context("output rows are contiguous")?;
-            row.iter_mut().zip(value).for_each(|(o, x)| *o = x * inv);
+        let inv = scores
+            .chunks_exact(keys)
+            .map(|weights| 1.0 / sum8(weights, |x| x));
+        match out {
+            HeadOut::Rows(mut out) => {
+                for ((mut row, inv), value) in out
+                    .rows_mut()
+                    .into_iter()
+                    .zip(inv)
+                    .zip(values.chunks_exact(dv))
+                {
+                    // As a slice: ndarray's element iterator does not vectorise (19.7 → 10 µs
+                    // per ViT-B head).
+                    let row = row.as_slice_mut().context("output rows are contiguous")?;
+                    row.iter_mut().zip(value).for_each(|(o, x)| *o = x * inv);
+                }
+            }
+            HeadOut::Panels(panels, r) => {
+                // Normalised on the way into the panels.
+                inverse.clear();
+                inverse.extend(inv);
+                for ((rows, inv), panel) in values
+                    .chunks(r * dv)
+                    .zip(inverse.chunks(r))
+                    .zip(panels.iter_mut())
+                {
+                    rows_into_panel(rows, dv, r, Scale::PerRow(inv), panel);
+                }
+            }
         }
         Ok(())
     })
@@ -412,6 +848,7 @@ impl Expansion for LayerNormExpansion {
             prefix,
             LayerNorm {
                 epsilon: self.epsilon,
+                pack: None,
             },
             inputs,
         )
@@ -422,6 +859,8 @@ impl Expansion for LayerNormExpansion {
 #[derive(Debug, Clone, PartialEq)]
 pub struct LayerNorm {
     pub epsilon: f32,
+    /// Written as the next product's packed operand (set by tract's fusing pass).
+    pub pack: Option<PackInto>,
 }
 
 impl Eq for LayerNorm {}
@@ -437,7 +876,18 @@ impl Op for LayerNorm {
 impl TypedOp for LayerNorm {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         ensure!(inputs.len() == 3);
-        Ok(tvec!(f32::fact(inputs[0].shape.clone())))
+        let plain = f32::fact(inputs[0].shape.clone());
+        Ok(tvec!(match &self.pack {
+            Some(pack) => pack.fact(&plain)?,
+            None => plain,
+        }))
+    }
+
+    fn fuse(&self, model: &TypedModel, node: &TypedNode) -> TractResult<Option<TypedModelPatch>> {
+        fuse_pack(model, node, self.pack.is_some(), |pack| LayerNorm {
+            pack: Some(pack),
+            ..self.clone()
+        })
     }
 
     as_op!();
@@ -452,6 +902,7 @@ impl EvalOp for LayerNorm {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let (x, scale, bias) = args_3!(inputs);
+        let x_shape: TVec<usize> = x.shape().into();
         let width = *x.shape().last().context("a layer norm of a scalar")?;
         let broadcast = |t: &Tensor| -> TractResult<Vec<f32>> {
             let v = t.to_plain_array_view::<f32>()?;
@@ -463,6 +914,25 @@ impl EvalOp for LayerNorm {
         let eps = self.epsilon;
         let rows = x.len() / width.max(1);
         let pool = tract_pool(rows > NORM_ROWS_PER_TASK);
+        if let Some(pack) = &self.pack {
+            let x = x.to_plain_array_view::<f32>()?;
+            let x = x.as_slice().context("tensors are contiguous")?;
+            let mut out = pack.operands(&x_shape)?;
+            let norm = |rows: &[f32], panel: &mut [f32]| {
+                ROWS.with_borrow_mut(|buf| {
+                    buf.resize(rows.len(), 0.0);
+                    for (x, y) in rows.chunks_exact(width).zip(buf.chunks_exact_mut(width)) {
+                        normalise_row_into(x, y, &scale, &bias, eps);
+                    }
+                    let r = panel.len() / width.max(1);
+                    rows_into_panel(buf, width, r, Scale::All(1.0), panel);
+                });
+                Ok(())
+            };
+            let rows = out.rows(x);
+            for_each_panel(&mut out, rows, pool, norm)?;
+            return Ok(tvec!(out.into_tensor()?.into_tvalue()));
+        }
         // Two equal tasks per thread: 197 rows in tasks of 64 left one thread 128 rows and the
         // other 69.
         let rows_per_task = pool.as_ref().map_or(rows, |pool| {
@@ -580,7 +1050,14 @@ impl Expansion for QuickGeluExpansion {
             "{prefix}: the input is {:?}; this runtime's QuickGelu takes f32",
             x.datum_type
         );
-        model.wire_node(prefix, QuickGelu { alpha: self.alpha }, inputs)
+        model.wire_node(
+            prefix,
+            QuickGelu {
+                alpha: self.alpha,
+                pack: None,
+            },
+            inputs,
+        )
     }
 }
 
@@ -588,6 +1065,8 @@ impl Expansion for QuickGeluExpansion {
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuickGelu {
     pub alpha: f32,
+    /// Written as the next product's packed operand (set by tract's fusing pass).
+    pub pack: Option<PackInto>,
 }
 
 impl Eq for QuickGelu {}
@@ -602,7 +1081,18 @@ impl Op for QuickGelu {
 
 impl TypedOp for QuickGelu {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        Ok(tvec!(f32::fact(inputs[0].shape.clone())))
+        let plain = f32::fact(inputs[0].shape.clone());
+        Ok(tvec!(match &self.pack {
+            Some(pack) => pack.fact(&plain)?,
+            None => plain,
+        }))
+    }
+
+    fn fuse(&self, model: &TypedModel, node: &TypedNode) -> TractResult<Option<TypedModelPatch>> {
+        fuse_pack(model, node, self.pack.is_some(), |pack| QuickGelu {
+            pack: Some(pack),
+            ..self.clone()
+        })
     }
 
     as_op!();
@@ -618,15 +1108,37 @@ impl EvalOp for QuickGelu {
         // x·σ(αx) = silu(αx)/α: three in-place passes of tract's vectorised kernels per block.
         let silu = Func::Silu.ew_f32()?;
         let scale = Func::MulByScalar.ew_f32_param()?;
-        let mut y = args_1!(inputs).into_tensor();
-        let mut view = y.to_plain_array_view_mut::<f32>()?;
-        let data = view.as_slice_mut().context("tensors are contiguous")?;
         let alpha = self.alpha;
         let gate = |block: &mut [f32]| -> TractResult<()> {
             scale.run_with_params(block, alpha)?;
             silu.run(block)?;
             scale.run_with_params(block, 1.0 / alpha)
         };
+        if let Some(pack) = &self.pack {
+            // A panel's rows are gated in place, in blocks that stay in the core's L1 cache,
+            // and written into the panel from there, the division by alpha on the way.
+            let mut y = args_1!(inputs).into_tensor();
+            let width = *y.shape().last().context("QuickGelu of a scalar")?;
+            let mut out = pack.operands(y.shape())?;
+            let mut view = y.to_plain_array_view_mut::<f32>()?;
+            let x = view.as_slice_mut().context("tensors are contiguous")?;
+            let pool = tract_pool(x.len() > GELU_BLOCK);
+            let write = |rows: &mut [f32], panel: &mut [f32]| {
+                rows.chunks_mut(GELU_BLOCK).try_for_each(|block| {
+                    scale.run_with_params(block, alpha)?;
+                    silu.run(block)
+                })?;
+                let r = panel.len() / width.max(1);
+                rows_into_panel(rows, width, r, Scale::All(1.0 / alpha), panel);
+                Ok(())
+            };
+            let rows = out.rows_mut(x);
+            for_each_panel(&mut out, rows, pool, write)?;
+            return Ok(tvec!(out.into_tensor()?.into_tvalue()));
+        }
+        let mut y = args_1!(inputs).into_tensor();
+        let mut view = y.to_plain_array_view_mut::<f32>()?;
+        let data = view.as_slice_mut().context("tensors are contiguous")?;
         match tract_pool(data.len() > GELU_BLOCK) {
             Some(pool) => {
                 use rayon::prelude::*;
@@ -771,7 +1283,15 @@ mod tests {
                 tensor(&[2, 19, 6], 3, 1.0),
             );
             let want = naive_attention(&q, &k, &v, 3, scale);
-            let got = eval(&Attention { heads: 3, scale }, vec![q, k, v], threads);
+            let got = eval(
+                &Attention {
+                    heads: 3,
+                    scale,
+                    pack: None,
+                },
+                vec![q, k, v],
+                threads,
+            );
             let d = max_diff(&got, &want);
             assert!(
                 d < 1e-4,
@@ -785,6 +1305,7 @@ mod tests {
         let op = Attention {
             heads: 2,
             scale: None,
+            pack: None,
         };
         let facts = [
             f32::fact([1, 7, 8]),
@@ -817,7 +1338,10 @@ mod tests {
                 }
             }
             let got = eval(
-                &LayerNorm { epsilon: 1e-5 },
+                &LayerNorm {
+                    epsilon: 1e-5,
+                    pack: None,
+                },
                 vec![x.clone(), scale.clone(), bias.clone()],
                 threads,
             );
@@ -831,7 +1355,10 @@ mod tests {
             let input = x.into_tvalue();
             let kept = input.clone();
             let got = eval_values(
-                &LayerNorm { epsilon: 1e-5 },
+                &LayerNorm {
+                    epsilon: 1e-5,
+                    pack: None,
+                },
                 tvec![input, scale.into_tvalue(), bias.into_tvalue()],
                 threads,
             );
@@ -860,7 +1387,14 @@ mod tests {
                 .mapv(|v| v / (1.0 + (-1.702 * v).exp()))
                 .into_shape_with_order(vec![3, GELU_BLOCK + 123])
                 .unwrap();
-            let got = eval(&QuickGelu { alpha: 1.702 }, vec![x], threads);
+            let got = eval(
+                &QuickGelu {
+                    alpha: 1.702,
+                    pack: None,
+                },
+                vec![x],
+                threads,
+            );
             let d = max_diff(&got, &want);
             assert!(d < 1e-5, "{threads} threads: off by {d}");
         }
@@ -922,5 +1456,262 @@ mod tests {
             !plain_layer_norm(&node(&["x", "g", "b"], &["y", "mean"], None)).unwrap(),
             "mean"
         );
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Packed outputs
+
+    fn packed(formats: &[(usize, usize)]) -> PackInto {
+        PackInto {
+            packers: formats
+                .iter()
+                .map(|&(r, align)| {
+                    Box::new(PackedFormat::new(f32::datum_type(), r, align))
+                        as Box<dyn MMMInputFormat>
+                })
+                .collect(),
+        }
+    }
+
+    fn run(op: &dyn EvalOp, inputs: &[Tensor], threads: usize) -> Tensor {
+        let inputs = inputs.iter().map(|t| t.clone().into_tvalue()).collect();
+        let run = || op.eval(&EvalContext::out_of_plan(), inputs).unwrap();
+        let out = if threads > 1 {
+            tract_linalg::multithread::multithread_tract_scope(Executor::multithread(threads), run)
+        } else {
+            run()
+        };
+        out[0].clone().into_tensor()
+    }
+
+    fn flat(t: &Tensor) -> Vec<f32> {
+        t.to_plain_array_view::<f32>()
+            .unwrap()
+            .iter()
+            .copied()
+            .collect()
+    }
+
+    /// The rows of every matrix of a packed output, read back with tract's own reader.
+    fn unpacked(t: &Tensor, rows: usize, k: usize) -> Vec<f32> {
+        let storage = t.try_storage_as::<PackedMatrixStorage>().unwrap();
+        let mut out = vec![];
+        for value in storage.values() {
+            assert_eq!((value.mn(), value.k()), (rows, k));
+            for mn in 0..rows {
+                let mut row = vec![0f32; k];
+                value.extract_at_mn_f32(mn, &mut row).unwrap();
+                out.extend(row);
+            }
+        }
+        out
+    }
+
+    fn the_operand(t: &Tensor) -> Arc<Blob> {
+        let storage = t.try_storage_as::<PackedMatrixStorage>().unwrap();
+        let value = storage.values()[0]
+            .downcast_ref::<EagerPackedInput>()
+            .unwrap();
+        value.packed.clone()
+    }
+
+    /// Panel widths with their own code (4, 6, 8, 16) and without (1, 5), 4- and 64-byte
+    /// alignment, and the vector-or-matrix pair a product packs with.
+    const FORMATS: &[&[(usize, usize)]] = &[
+        &[(6, 4)],
+        &[(4, 64)],
+        &[(8, 4)],
+        &[(16, 4)],
+        &[(5, 4)],
+        &[(1, 4), (6, 4)],
+    ];
+
+    /// An operator without and with a packed output, its inputs and the output's row width.
+    type Case<'i> = (Box<dyn EvalOp>, Box<dyn EvalOp>, &'i [Tensor], usize);
+
+    /// Each operator's packed output holds exactly what its plain output holds, for matrices
+    /// whose last panel is partly empty, two of them, on one and on two threads.
+    #[test]
+    fn packed_outputs_hold_the_plain_outputs() {
+        let x = tensor(&[2, 13, 40], 21, 3.0);
+        let norm_inputs = [x.clone(), tensor(&[40], 22, 1.0), tensor(&[40], 23, 1.0)];
+        let q = tensor(&[2, 13, 24], 24, 1.0);
+        let (k, v) = (tensor(&[2, 9, 24], 25, 1.0), tensor(&[2, 9, 24], 26, 1.0));
+        let attention_inputs = [q, k, v];
+        for threads in [1, 2] {
+            for formats in FORMATS {
+                let pack = Some(packed(formats));
+                let cases: [Case; 3] = [
+                    (
+                        Box::new(LayerNorm {
+                            epsilon: 1e-5,
+                            pack: None,
+                        }),
+                        Box::new(LayerNorm {
+                            epsilon: 1e-5,
+                            pack: pack.clone(),
+                        }),
+                        &norm_inputs,
+                        40,
+                    ),
+                    (
+                        Box::new(QuickGelu {
+                            alpha: 1.702,
+                            pack: None,
+                        }),
+                        Box::new(QuickGelu {
+                            alpha: 1.702,
+                            pack: pack.clone(),
+                        }),
+                        std::slice::from_ref(&x),
+                        40,
+                    ),
+                    (
+                        Box::new(Attention {
+                            heads: 3,
+                            scale: None,
+                            pack: None,
+                        }),
+                        Box::new(Attention {
+                            heads: 3,
+                            scale: None,
+                            pack: pack.clone(),
+                        }),
+                        &attention_inputs,
+                        24,
+                    ),
+                ];
+                for (plain, fused, inputs, k) in cases {
+                    let want = run(&*plain, inputs, threads);
+                    let got = run(&*fused, inputs, threads);
+                    assert_eq!(got.shape(), &[2], "{formats:?}");
+                    assert_eq!(
+                        unpacked(&got, 13, k),
+                        flat(&want),
+                        "{formats:?}, {threads} threads"
+                    );
+                }
+            }
+        }
+    }
+
+    /// One row takes the vector format of a vector-or-matrix pair, as tract's packing does.
+    #[test]
+    fn a_single_row_takes_the_vector_format() {
+        let x = tensor(&[1, 1, 40], 31, 3.0);
+        let plain = run(
+            &QuickGelu {
+                alpha: 1.702,
+                pack: None,
+            },
+            std::slice::from_ref(&x),
+            1,
+        );
+        let fused = QuickGelu {
+            alpha: 1.702,
+            pack: Some(packed(&[(1, 4), (6, 4)])),
+        };
+        let got = run(&fused, &[x], 1);
+        let storage = got.try_storage_as::<PackedMatrixStorage>().unwrap();
+        assert_eq!(storage.values()[0].format().r(), 1);
+        assert_eq!(unpacked(&got, 1, 40), flat(&plain));
+    }
+
+    /// An operand is written again once its product has dropped it, and never while something
+    /// still holds it.
+    #[test]
+    fn operands_are_reused_only_once_free() {
+        // A shape no other test uses: the pool is shared by the whole process.
+        let inputs = [
+            tensor(&[1, 11, 37], 41, 2.0),
+            tensor(&[37], 42, 1.0),
+            tensor(&[37], 43, 1.0),
+        ];
+        let other = [
+            tensor(&[1, 11, 37], 44, 2.0),
+            inputs[1].clone(),
+            inputs[2].clone(),
+        ];
+        let op = LayerNorm {
+            epsilon: 1e-5,
+            pack: Some(packed(&[(6, 4)])),
+        };
+        let plain_op = LayerNorm {
+            epsilon: 1e-5,
+            pack: None,
+        };
+        let plain = |x: &[Tensor]| flat(&run(&plain_op, x, 1));
+        let first = run(&op, &inputs, 1);
+        let held = run(&op, &other, 1);
+        assert!(!Arc::ptr_eq(&the_operand(&first), &the_operand(&held)));
+        assert_eq!(unpacked(&first, 11, 37), plain(&inputs));
+        assert_eq!(unpacked(&held, 11, 37), plain(&other));
+        let first_operand = Arc::as_ptr(&the_operand(&first));
+        drop(first);
+        let again = run(&op, &inputs, 1);
+        assert_eq!(Arc::as_ptr(&the_operand(&again)), first_operand);
+        assert_eq!(unpacked(&again, 11, 37), plain(&inputs));
+        assert_eq!(unpacked(&held, 11, 37), plain(&other));
+    }
+
+    /// In an optimised plan a layer norm feeding a product writes the product's packed operand
+    /// (no packing node left after it), and the plan computes what the unoptimised one does.
+    #[test]
+    fn an_optimised_plan_fuses_the_packing_and_agrees() {
+        use tract_onnx::tract_core::ops::einsum::EinSum;
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([1, 13, 40])).unwrap();
+        let scale = model.add_const("scale", tensor(&[40], 51, 1.0)).unwrap();
+        let bias = model.add_const("bias", tensor(&[40], 52, 1.0)).unwrap();
+        let y = model
+            .wire_node(
+                "norm",
+                LayerNorm {
+                    epsilon: 1e-5,
+                    pack: None,
+                },
+                &[x, scale, bias],
+            )
+            .unwrap();
+        let w = model.add_const("w", tensor(&[40, 48], 53, 0.5)).unwrap();
+        let axes = "amk,kn->amn".parse().unwrap();
+        let z = model
+            .wire_node("product", EinSum::new(axes, f32::datum_type()), &[y[0], w])
+            .unwrap();
+        model.select_output_outlets(&z).unwrap();
+        let input = tensor(&[1, 13, 40], 54, 3.0);
+        let reference = model
+            .clone()
+            .into_runnable()
+            .unwrap()
+            .run(tvec!(input.clone().into_tvalue()))
+            .unwrap();
+        let optimised = model.into_optimized().unwrap();
+        let norm = optimised
+            .nodes()
+            .iter()
+            .find_map(|n| n.op_as::<LayerNorm>())
+            .unwrap();
+        assert!(norm.pack.is_some(), "{optimised}");
+        assert!(
+            !optimised
+                .nodes()
+                .iter()
+                .any(|n| n.op_as::<OptMatMulPack>().is_some()),
+            "{optimised}"
+        );
+        let got = optimised
+            .into_runnable()
+            .unwrap()
+            .run(tvec!(input.into_tvalue()))
+            .unwrap();
+        let (got, want) = (
+            got[0].to_plain_array_view::<f32>().unwrap().to_owned(),
+            reference[0]
+                .to_plain_array_view::<f32>()
+                .unwrap()
+                .mapv(|x| x as f64),
+        );
+        assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
     }
 }
