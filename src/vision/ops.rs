@@ -393,15 +393,20 @@ fn fuse_pack<O: TypedOp>(
     if packed {
         return Ok(None);
     }
-    match PackInto::for_node(model, node)? {
-        Some(pack) => {
+    // A graph this does not recognise keeps tract's packing: the fusion is only a saving.
+    match PackInto::for_node(model, node) {
+        Ok(Some(pack)) => {
             log::trace!(
                 "{}: written as the next product's packed operand",
                 node.name
             );
             TypedModelPatch::fuse_with_next(model, node, make(pack)).map(Some)
         }
-        None => Ok(None),
+        Ok(None) => Ok(None),
+        Err(e) => {
+            log::debug!("{}: packing not fused: {e:#}", node.name);
+            Ok(None)
+        }
     }
 }
 
