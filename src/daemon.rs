@@ -8,6 +8,8 @@
 //! * Requests wait in a bounded queue; when it is full the request is answered `busy` at once.
 //! * MQTT runs on tokio (`mqtt`): one task polls, one publishes (and encodes pose messages, so
 //!   the inference thread moves on to the next frame at once), one sends stats.
+//! * After loading, one blank frame warms the model up (`PoseGpt::warm_up`): the first camera
+//!   frame finds the prompt before the image in the KV cache like every later one.
 //! * Under systemd (`Type=notify`, `service`): status lines while loading and connecting,
 //!   READY=1 once the model is loaded and the broker accepted the connection, a watchdog fed
 //!   while the inference thread makes progress, STOPPING=1 on shutdown.
@@ -144,8 +146,17 @@ async fn run_async(config: Config) -> Result<()> {
         "loading model bundle {}",
         config.model.bundle.display()
     ));
-    let pg = PoseGpt::load(&config.model.bundle, runtime_options(&config, skeleton))
+    let mut pg = PoseGpt::load(&config.model.bundle, runtime_options(&config, skeleton))
         .with_context(|| format!("cannot load model bundle {}", config.model.bundle.display()))?;
+    service::status("model loaded; warming up on a blank frame");
+    let warm = pg
+        .warm_up()
+        .context("the model failed on a blank frame (warm-up)")?;
+    log::info!(
+        "warm-up frame: {:.1} ms; later frames reuse its {} prompt positions before the image",
+        warm.timings.total_ms,
+        pg.frame_tokens().0.len()
+    );
     let source = open_source(&config.source).context("cannot open the frame source")?;
 
     let (broker, watch_port) = match config.mqtt.broker().map_err(anyhow::Error::msg)? {

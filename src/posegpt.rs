@@ -220,6 +220,15 @@ impl PoseGpt {
         Ok((before, after))
     }
 
+    /// One pose of a blank frame, thrown away: afterwards the prompt before the image is in the
+    /// KV cache, so the first real frame computes only the image and what follows it as every
+    /// later one does, and the encoder has run once (its buffers allocated; on a GPU runtime
+    /// its kernels compiled). The daemon calls it before it reports ready.
+    pub fn warm_up(&mut self) -> Result<FramePose, PoseGptError> {
+        let size = self.bundle.vision.spec().size.max(1);
+        self.pose(&RgbImage::new(size, size))
+    }
+
     /// The per-frame fast path: image → pose (see the module docs).
     pub fn pose(&mut self, img: &RgbImage) -> Result<FramePose, PoseGptError> {
         let t0 = Instant::now();

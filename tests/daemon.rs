@@ -293,10 +293,15 @@ async fn daemon_with_mosquitto() {
 
     w.expect("available", 60, is("online")).await;
 
-    // The pose stream: valid schema, increasing sequence numbers.
+    // The pose stream: valid schema, increasing sequence numbers, and from the first frame on
+    // the prompt before the image comes from the KV cache (the warm-up put it there).
     let mut last = None;
     for _ in 0..3 {
         let v = json(&w.expect("pose", 30, |_| true).await);
+        assert!(
+            v["timings"]["reused_positions"].as_u64().unwrap() > 0,
+            "{v}"
+        );
         assert_eq!(v["persons"].as_array().unwrap().len(), 1);
         assert_eq!(v["persons"][0]["body_pose"].as_array().unwrap().len(), 69);
         assert_eq!(

@@ -175,6 +175,24 @@ fn perturbations_change_the_pose() {
     assert!(max_abs_diff(&e_crop, &e_pad) > 1e-2);
 }
 
+/// The daemon's warm-up leaves the prompt before the image in the KV cache: the first real
+/// frame computes only the image and what follows, and gives the pose a cold cache gives.
+#[test]
+fn the_first_frame_after_the_warm_up_reuses_the_prompt_before_the_image() {
+    let cases = expected()["pose"].as_array().unwrap();
+    let img = load_image(&root().join(cases[0]["image"].as_str().unwrap())).unwrap();
+    let mut pg = exact();
+    let warm = pg.warm_up().unwrap();
+    assert_eq!(warm.timings.reused_positions, 0);
+    let first = pg.pose(&img).unwrap();
+    let (before, _) = pg.frame_tokens();
+    assert!(!before.is_empty());
+    assert_eq!(first.timings.reused_positions, before.len());
+    let cold = exact().pose(&img).unwrap();
+    assert_eq!(first.pose.hidden, cold.pose.hidden);
+    assert_eq!(first.pose.raw, cold.pose.raw);
+}
+
 #[test]
 fn cached_prefix_gives_the_same_pose_as_a_cold_cache() {
     let cases = expected()["pose"].as_array().unwrap();
