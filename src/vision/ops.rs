@@ -202,6 +202,14 @@ impl PackInto {
         }))
     }
 
+    /// An operator's output fact: `plain`, or what the packing node declared where `pack` is set.
+    fn output_fact(pack: &Option<PackInto>, plain: TypedFact) -> TractResult<TypedFact> {
+        match pack {
+            Some(pack) => pack.fact(&plain),
+            None => Ok(plain),
+        }
+    }
+
     /// The output fact: what the packing node declared.
     fn fact(&self, input: &TypedFact) -> TractResult<TypedFact> {
         let rank = input.rank();
@@ -584,10 +592,7 @@ impl TypedOp for Attention {
         let q = &inputs[0].shape;
         let v = &inputs[2].shape;
         let plain = f32::fact([q[0].clone(), q[1].clone(), v[2].clone()]);
-        Ok(tvec!(match &self.pack {
-            Some(pack) => pack.fact(&plain)?,
-            None => plain,
-        }))
+        Ok(tvec!(PackInto::output_fact(&self.pack, plain)?))
     }
 
     fn fuse(&self, model: &TypedModel, node: &TypedNode) -> TractResult<Option<TypedModelPatch>> {
@@ -882,10 +887,7 @@ impl TypedOp for LayerNorm {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         ensure!(inputs.len() == 3);
         let plain = f32::fact(inputs[0].shape.clone());
-        Ok(tvec!(match &self.pack {
-            Some(pack) => pack.fact(&plain)?,
-            None => plain,
-        }))
+        Ok(tvec!(PackInto::output_fact(&self.pack, plain)?))
     }
 
     fn fuse(&self, model: &TypedModel, node: &TypedNode) -> TractResult<Option<TypedModelPatch>> {
@@ -1087,10 +1089,7 @@ impl Op for QuickGelu {
 impl TypedOp for QuickGelu {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let plain = f32::fact(inputs[0].shape.clone());
-        Ok(tvec!(match &self.pack {
-            Some(pack) => pack.fact(&plain)?,
-            None => plain,
-        }))
+        Ok(tvec!(PackInto::output_fact(&self.pack, plain)?))
     }
 
     fn fuse(&self, model: &TypedModel, node: &TypedNode) -> TractResult<Option<TypedModelPatch>> {
