@@ -8,7 +8,9 @@
 //! threads. The converter writes attention as `com.microsoft.MultiHeadAttention` (onnxruntime runs
 //! the same file); layer norm is the standard `LayerNormalization`. Nodes these operators do not
 //! cover (masks, biases, cached keys, extra outputs, another normalised axis) keep tract's own
-//! implementation.
+//! implementation. Where tract's packing of a matrix product's input is the only reader of one of
+//! these operators, the operator takes its place and writes the product's packed panels itself
+//! ([`PackInto`]).
 
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -130,7 +132,7 @@ fn tract_pool(worth_it: bool) -> Option<std::sync::Arc<rayon::ThreadPool>> {
 /// Where a fused operator writes its output when its one reader is tract's packing of a matrix
 /// product's input (`OptMatMulPack`): in the panel layout that packing would produce, so that
 /// the separate pass over the activations — which onnxruntime's products do not need — goes
-/// (46 passes per ViT-B run, 1.7–2 % of it; docs/performance.md).
+/// (46 passes per ViT-B run, 1.5–2 % of it; docs/performance.md).
 #[derive(Debug, Clone)]
 pub struct PackInto {
     /// The packing's formats: one, or a vector's and a matrix's, chosen by the rows' count.
