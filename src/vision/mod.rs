@@ -17,6 +17,7 @@
 //! levels on real images, which would move the pose.
 
 pub mod ops;
+mod panel;
 
 use std::path::{Path, PathBuf};
 use tract_onnx::prelude::*;

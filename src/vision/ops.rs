@@ -10,10 +10,11 @@
 //! cover (masks, biases, cached keys, extra outputs, another normalised axis) keep tract's own
 //! implementation. Where tract's packing of a matrix product's input is the only reader of one of
 //! these operators, the operator takes its place and writes the product's packed panels itself
-//! ([`PackInto`]).
+//! ([`PackInto`], and `super::panel` for the transposed write).
 
 use std::sync::{Arc, Mutex, OnceLock};
 
+use super::panel::{rows_into_panel, Scale};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 use tract_linalg::mmm::{
@@ -416,76 +417,6 @@ fn fuse_pack<O: TypedOp>(
         Err(e) => {
             log::debug!("{}: packing not fused: {e:#}", node.name);
             Ok(None)
-        }
-    }
-}
-
-/// What [`rows_into_panel`] multiplies each row by.
-#[derive(Clone, Copy)]
-enum Scale<'s> {
-    All(f32),
-    PerRow(&'s [f32]),
-}
-
-impl Scale<'_> {
-    fn row(&self, j: usize) -> f32 {
-        match self {
-            Scale::All(s) => *s,
-            Scale::PerRow(s) => s[j],
-        }
-    }
-}
-
-/// Rows (`k` features each, at most `r` of them) into one panel, row j multiplied by
-/// `scale`: feature c of row j at c·r + j.
-fn rows_into_panel(rows: &[f32], k: usize, r: usize, scale: Scale, panel: &mut [f32]) {
-    match r {
-        4 => full_panel::<4>(rows, k, scale, panel),
-        6 => full_panel::<6>(rows, k, scale, panel),
-        8 => full_panel::<8>(rows, k, scale, panel),
-        12 => full_panel::<12>(rows, k, scale, panel),
-        16 => full_panel::<16>(rows, k, scale, panel),
-        _ => any_panel(rows, k, r, scale, panel),
-    }
-}
-
-/// A panel of `R` rows, eight features at a time: an `R`×8 block read row by row and written
-/// feature by feature, which the compiler turns into shuffles (3–4× the strided stores of
-/// [`any_panel`] on a 197 × 768 input).
-fn full_panel<const R: usize>(rows: &[f32], k: usize, scale: Scale, panel: &mut [f32]) {
-    if rows.len() != R * k {
-        return any_panel(rows, k, R, scale, panel);
-    }
-    let scale: [f32; R] = std::array::from_fn(|j| scale.row(j));
-    let blocks = k / 8;
-    for (b, out) in panel[..blocks * 8 * R].chunks_exact_mut(8 * R).enumerate() {
-        let c = b * 8;
-        let block: [[f32; 8]; R] = std::array::from_fn(|j| {
-            rows[j * k + c..j * k + c + 8]
-                .try_into()
-                .expect("eight features")
-        });
-        let mut records = [[0f32; R]; 8];
-        for (i, record) in records.iter_mut().enumerate() {
-            for (j, x) in record.iter_mut().enumerate() {
-                *x = block[j][i] * scale[j];
-            }
-        }
-        out.copy_from_slice(records.as_flattened());
-    }
-    for c in blocks * 8..k {
-        for j in 0..R {
-            panel[c * R + j] = rows[j * k + c] * scale[j];
-        }
-    }
-}
-
-/// Any panel, the last one's fewer rows included.
-fn any_panel(rows: &[f32], k: usize, r: usize, scale: Scale, panel: &mut [f32]) {
-    for (j, row) in rows.chunks_exact(k).enumerate() {
-        let s = scale.row(j);
-        for (slot, &x) in panel[j..].iter_mut().step_by(r).zip(row) {
-            *slot = x * s;
         }
     }
 }
