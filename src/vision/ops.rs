@@ -14,7 +14,7 @@
 
 use std::sync::{Arc, Mutex, OnceLock};
 
-use super::panel::{rows_into_panel, Scale};
+use super::panel::{quick_gelu_into_panel, rows_into_panel, Scale};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 use tract_linalg::mmm::{
@@ -1052,8 +1052,9 @@ impl EvalOp for QuickGelu {
             scale.run_with_params(block, 1.0 / alpha)
         };
         if let Some(pack) = &self.pack {
-            // A panel's rows are gated in place, in blocks that stay in the core's L1 cache,
-            // and written into the panel from there, the division by alpha on the way.
+            // A panel's rows are gated while they are transposed into it (AVX2), or else gated
+            // in place, in blocks that stay in the core's L1 cache, and written into the panel
+            // from there, the division by alpha on the way.
             let mut y = args_1!(inputs).into_tensor();
             let width = *y.shape().last().context("QuickGelu of a scalar")?;
             let mut out = pack.operands(y.shape())?;
@@ -1061,11 +1062,15 @@ impl EvalOp for QuickGelu {
             let x = view.as_slice_mut().context("tensors are contiguous")?;
             let pool = tract_pool(x.len() > GELU_BLOCK);
             let write = |rows: &mut [f32], panel: &mut [f32]| {
+                let r = panel.len() / width.max(1);
+                // Gated as they are written where the CPU allows (one pass, not three).
+                if quick_gelu_into_panel(rows, width, r, alpha, panel) {
+                    return Ok(());
+                }
                 rows.chunks_mut(GELU_BLOCK).try_for_each(|block| {
                     scale.run_with_params(block, alpha)?;
                     silu.run(block)
                 })?;
-                let r = panel.len() / width.max(1);
                 rows_into_panel(rows, width, r, Scale::All(1.0 / alpha), panel);
                 Ok(())
             };
@@ -1464,10 +1469,13 @@ mod tests {
     ];
 
     /// An operator without and with a packed output, its inputs and the output's row width.
-    type Case<'i> = (Box<dyn EvalOp>, Box<dyn EvalOp>, &'i [Tensor], usize);
+    /// Plain and packed operator, inputs, features, how far apart their values may be.
+    type Case<'i> = (Box<dyn EvalOp>, Box<dyn EvalOp>, &'i [Tensor], usize, f32);
 
-    /// Each operator's packed output holds exactly what its plain output holds, for matrices
-    /// whose last panel is partly empty, two of them, on one and on two threads.
+    /// Each operator's packed output holds what its plain output holds, for matrices whose last
+    /// panel is partly empty, two of them, on one and on two threads: exactly, except for the
+    /// quick-GELU, whose packed form computes the gate itself where the CPU has AVX2 (within
+    /// 4e-6 for inputs up to 3 here; `super::panel`'s tests check its accuracy).
     #[test]
     fn packed_outputs_hold_the_plain_outputs() {
         let x = tensor(&[2, 13, 40], 21, 3.0);
@@ -1490,6 +1498,7 @@ mod tests {
                         }),
                         &norm_inputs,
                         40,
+                        0.0,
                     ),
                     (
                         Box::new(QuickGelu {
@@ -1502,6 +1511,7 @@ mod tests {
                         }),
                         std::slice::from_ref(&x),
                         40,
+                        4e-6,
                     ),
                     (
                         Box::new(Attention {
@@ -1516,17 +1526,21 @@ mod tests {
                         }),
                         &attention_inputs,
                         24,
+                        0.0,
                     ),
                 ];
-                for (plain, fused, inputs, k) in cases {
-                    let want = run(&*plain, inputs, threads);
+                for (plain, fused, inputs, k, tolerance) in cases {
+                    let want = flat(&run(&*plain, inputs, threads));
                     let got = run(&*fused, inputs, threads);
                     assert_eq!(got.shape(), &[2], "{formats:?}");
-                    assert_eq!(
-                        unpacked(&got, 13, k),
-                        flat(&want),
-                        "{formats:?}, {threads} threads"
-                    );
+                    let got = unpacked(&got, 13, k);
+                    assert_eq!(got.len(), want.len());
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - w).abs() <= tolerance,
+                            "{formats:?}, {threads} threads: value {i} is {g}, not {w}"
+                        );
+                    }
                 }
             }
         }
