@@ -6,10 +6,10 @@
 //! licence point `smpl.model` (or `pose --smpl-model`) at their own file.
 //!
 //! Layout read (NumPy `.npz`, float32 or float64, any integer type for indices):
-//! `v_template` [V,3], `shapedirs` [V,3,B≥1] (the first 10 are used), `posedirs` [V,3,207],
-//! `J_regressor` [24,V] dense — or sparse as the CSR triple `J_regressor_data`,
-//! `J_regressor_indices`, `J_regressor_indptr` (scipy's `csr_matrix` fields) — `weights` [V,24],
-//! `kintree_table` [2,24] (SMPL's tree), `f` [F,3]. docs/smpl.md shows how to write such a
+//! `v_template` `[V,3]`, `shapedirs` `[V,3,B≥1]` (the first 10 are used), `posedirs` `[V,3,207]`,
+//! `J_regressor` `[24,V]` dense — or sparse as the CSR triple `J_regressor_data`,
+//! `J_regressor_indices`, `J_regressor_indptr` (scipy's `csr_matrix` fields) — `weights` `[V,24]`,
+//! `kintree_table` `[2,24]` (SMPL's tree), `f` `[F,3]`. docs/smpl.md shows how to write such a
 //! file from the official SMPL pickle.
 
 use super::rotation::{Mat3, IDENTITY};

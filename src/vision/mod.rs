@@ -8,7 +8,7 @@
 //! * `pad` — LLaVA's pad-to-square: the image pasted centred on a square of the mean colour,
 //!   then resized to `size`.
 //!
-//! Then [0,1] scaling and per-channel mean/std normalisation, as planar CHW floats.
+//! Then `[0, 1]` scaling and per-channel mean/std normalisation, as planar CHW floats.
 //!
 //! The resize reproduces Pillow's bicubic (what the CLIP processor calls) exactly: a separable
 //! cubic kernel with a = -0.5 whose support widens by the scale factor when shrinking,
@@ -100,7 +100,7 @@ pub fn load_image(path: &Path) -> Result<RgbImage, VisionError> {
     decode_image(&bytes, &path.display().to_string())
 }
 
-/// Bring an image to the encoder's input: resize/crop or pad per `spec`, scale to [0,1],
+/// Bring an image to the encoder's input: resize/crop or pad per `spec`, scale to `[0, 1]`,
 /// normalise. Returns planar CHW floats, `3 * size * size` of them.
 pub fn preprocess(img: &RgbImage, spec: &ImageSpec) -> Vec<f32> {
     SquarePlan::new(img.dimensions(), spec).preprocess(img)
@@ -329,7 +329,7 @@ impl SquarePlan {
     }
 }
 
-/// Scale to [0,1] and normalise per channel; planar CHW.
+/// Scale to `[0, 1]` and normalise per channel; planar CHW.
 pub fn normalise(square: &RgbImage, spec: &ImageSpec) -> Vec<f32> {
     let plane = (square.width() * square.height()) as usize;
     let mut out = vec![0f32; 3 * plane];
@@ -717,7 +717,7 @@ impl Preprocessor {
 }
 
 /// The tract runtime name of the encoder's default path: this crate's own CPU plan, with its
-/// fused operators and thread handling ([`load_plan`], [`TractRunner`]).
+/// fused operators and thread handling ([`load_plan`], `TractRunner`).
 pub const CPU_RUNTIME: &str = "cpu";
 
 /// The tract runtime called `name` (e.g. `cuda` on a build with the `vision-cuda` feature;
