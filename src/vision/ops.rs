@@ -10,7 +10,9 @@
 //! cover (masks, biases, cached keys, extra outputs, another normalised axis) keep tract's own
 //! implementation. Where tract's packing of a matrix product's input is the only reader of one of
 //! these operators, the operator takes its place and writes the product's packed panels itself
-//! ([`PackInto`], and `super::panel` for the transposed write).
+//! ([`PackInto`], and `super::panel` for the transposed write). A residual sum that feeds a
+//! layer norm is formed by the layer norm ([`LayerNorm`]'s `residual`), not in the preceding
+//! product's output tiles, where tract reads its other term with gathers.
 
 use std::sync::{Arc, Mutex, OnceLock};
 
