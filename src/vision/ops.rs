@@ -1024,14 +1024,7 @@ impl LayerNorm {
                 for (x, y) in rows.iter_mut().zip(other) {
                     *x += *y;
                 }
-                ROWS.with_borrow_mut(|buf| {
-                    buf.resize(rows.len(), 0.0);
-                    for (x, y) in rows.chunks_exact(width).zip(buf.chunks_exact_mut(width)) {
-                        normalise_row_into(x, y, &scale, &bias, eps);
-                    }
-                    let r = panel.len() / width.max(1);
-                    rows_into_panel(buf, width, r, Scale::All(1.0), panel);
-                });
+                normalise_into_panel(rows, width, &scale, &bias, eps, panel);
                 Ok(())
             };
             for_each_panel(&mut out, tasks, pool, norm)?;
@@ -1052,14 +1045,7 @@ impl LayerNorm {
             let x = x.as_slice().context("tensors are contiguous")?;
             let mut out = pack.operands(&x_shape)?;
             let norm = |rows: &[f32], panel: &mut [f32]| {
-                ROWS.with_borrow_mut(|buf| {
-                    buf.resize(rows.len(), 0.0);
-                    for (x, y) in rows.chunks_exact(width).zip(buf.chunks_exact_mut(width)) {
-                        normalise_row_into(x, y, &scale, &bias, eps);
-                    }
-                    let r = panel.len() / width.max(1);
-                    rows_into_panel(buf, width, r, Scale::All(1.0), panel);
-                });
+                normalise_into_panel(rows, width, &scale, &bias, eps, panel);
                 Ok(())
             };
             let rows = out.rows(x);
@@ -1112,6 +1098,26 @@ impl LayerNorm {
         drop(view);
         Ok(y.into_tvalue())
     }
+}
+
+/// Rows of `width` features, normalised (through this thread's row buffer) and written into
+/// the next product's panel.
+fn normalise_into_panel(
+    rows: &[f32],
+    width: usize,
+    scale: &[f32],
+    bias: &[f32],
+    eps: f32,
+    panel: &mut [f32],
+) {
+    ROWS.with_borrow_mut(|buf| {
+        buf.resize(rows.len(), 0.0);
+        for (x, y) in rows.chunks_exact(width).zip(buf.chunks_exact_mut(width)) {
+            normalise_row_into(x, y, scale, bias, eps);
+        }
+        let r = panel.len() / width.max(1);
+        rows_into_panel(buf, width, r, Scale::All(1.0), panel);
+    });
 }
 
 /// Sum with eight independent accumulators, so that it vectorises.
@@ -1831,18 +1837,8 @@ mod tests {
             .unwrap();
         model.select_output_outlets(&z).unwrap();
         let input = tensor(&[1, 13, 40], 54, 3.0);
-        let reference = model
-            .clone()
-            .into_runnable()
-            .unwrap()
-            .run(tvec!(input.clone().into_tvalue()))
-            .unwrap();
-        let optimised = model.into_optimized().unwrap();
-        let norm = optimised
-            .nodes()
-            .iter()
-            .find_map(|n| n.op_as::<LayerNorm>())
-            .unwrap();
+        let (reference, optimised, norm) =
+            reference_and_optimised(model, tvec!(input.clone().into_tvalue()));
         assert!(norm.pack.is_some(), "{optimised}");
         assert!(
             !optimised
@@ -1856,13 +1852,32 @@ mod tests {
             .unwrap()
             .run(tvec!(input.into_tvalue()))
             .unwrap();
-        let (got, want) = (
-            got[0].to_plain_array_view::<f32>().unwrap().to_owned(),
-            reference[0]
-                .to_plain_array_view::<f32>()
-                .unwrap()
-                .mapv(|x| x as f64),
-        );
+        assert_agree(&got[0], &reference[0]);
+    }
+
+    /// The unoptimised plan's outputs for `inputs`, the optimised model and its layer norm.
+    fn reference_and_optimised(
+        model: TypedModel,
+        inputs: TVec<TValue>,
+    ) -> (TVec<TValue>, TypedModel, LayerNorm) {
+        let reference = model.clone().into_runnable().unwrap().run(inputs).unwrap();
+        let optimised = model.into_optimized().unwrap();
+        let norm = optimised
+            .nodes()
+            .iter()
+            .find_map(|n| n.op_as::<LayerNorm>())
+            .unwrap()
+            .clone();
+        (reference, optimised, norm)
+    }
+
+    /// An optimised plan's output against the unoptimised plan's, within 1e-5.
+    fn assert_agree(got: &TValue, reference: &TValue) {
+        let got = got.to_plain_array_view::<f32>().unwrap().to_owned();
+        let want = reference
+            .to_plain_array_view::<f32>()
+            .unwrap()
+            .mapv(|x| x as f64);
         assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
     }
 
@@ -1965,29 +1980,11 @@ mod tests {
                 inputs.push(tensor(&[1, 13, 40], 56, 3.0));
             }
             let values = || inputs.iter().map(|t| t.clone().into_tvalue()).collect();
-            let reference = model
-                .clone()
-                .into_runnable()
-                .unwrap()
-                .run(values())
-                .unwrap();
-            let optimised = model.into_optimized().unwrap();
-            let norm = optimised
-                .nodes()
-                .iter()
-                .find_map(|n| n.op_as::<LayerNorm>())
-                .unwrap();
+            let (reference, optimised, norm) = reference_and_optimised(model, values());
             assert_eq!(norm.residual, taken, "{optimised}");
             assert!(norm.pack.is_some(), "{optimised}");
             let got = optimised.into_runnable().unwrap().run(values()).unwrap();
-            let (got, want) = (
-                got[0].to_plain_array_view::<f32>().unwrap().to_owned(),
-                reference[0]
-                    .to_plain_array_view::<f32>()
-                    .unwrap()
-                    .mapv(|x| x as f64),
-            );
-            assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
+            assert_agree(&got[0], &reference[0]);
         }
     }
 }
