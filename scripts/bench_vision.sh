@@ -5,12 +5,15 @@
 #
 #   scripts/bench_vision.sh
 # Environment: THREADS (default 2), ROUNDS (3), ITERATIONS per round (3),
-#   PAIRS (20: paired runs per tower, see below), TOWERS (vit-b16-224,vit-l14-336), CACHE, VENV.
+#   PAIRS (20: paired runs per tower and run, see below), RUNS (5: runs with fresh processes),
+#   TOWERS (vit-b16-224,vit-l14-336), CACHE, VENV.
 #
 # Two measurements per tower: separate processes in alternating rounds (load time, peak
 # memory, run times), then paired runs (scripts/bench_vision_paired.py: both runtimes loaded
 # side by side, one run of each in turn), whose per-pair ratio is the time comparison to quote on
-# a machine whose speed drifts from minute to minute.
+# a machine whose speed drifts from minute to minute. A process keeps the speed offset it started
+# with, so the paired runs are repeated RUNS times with fresh processes; the figure to quote is
+# the median of the runs' medians (their range beside it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${THREADS:-2}
@@ -67,15 +70,16 @@ for tower in dict.fromkeys(t for t, _ in rows):
 PY
 rm -f "$results"
 PAIRS=${PAIRS:-20}
+RUNS=${RUNS:-5}
 echo
-echo "| tower | paired runs | ours ms (median) | onnxruntime ms (median) | ratio median (q1-q3) |"
+echo "| tower | runs × pairs | ours ms (median) | onnxruntime ms (median) | ratio: median of run medians (range) |"
 echo "| --- | ---: | ---: | ---: | ---: |"
 for t in ${TOWERS//,/ }; do
     "$VENV/bin/python" scripts/bench_vision_paired.py "$OUT/$t.onnx" --ours "$OURS" \
-        --threads "$THREADS" --pairs "$PAIRS" | "$VENV/bin/python" -c "
+        --threads "$THREADS" --pairs "$PAIRS" --runs "$RUNS" | "$VENV/bin/python" -c "
 import json, sys
 d = json.load(sys.stdin)
 ours, ort = d['runs_ms']['$OURS'], d['runs_ms']['onnxruntime']
-r = d['ratio_to_onnxruntime']['$OURS']
-print(f\"| $t | {d['pairs']} | {ours['median']:.1f} | {ort['median']:.1f} | **{r['median']:.3f}** ({r['q1']:.3f}-{r['q3']:.3f}) |\")"
+r = d['ratio_per_run']['$OURS']
+print(f\"| $t | {d['runs']} × {d['pairs']} | {ours['median']:.1f} | {ort['median']:.1f} | **{r['median_of_medians']:.3f}** ({r['min']:.3f}-{r['max']:.3f}) |\")"
 done

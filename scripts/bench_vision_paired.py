@@ -4,14 +4,17 @@ file, one run of each in turn, so that both runs of a pair see the same state of
 machine (its speed changes from minute to minute; separate batches of runs do not share it).
 
     python scripts/bench_vision_paired.py MODEL.onnx --ours target/release/posegpt-edge \\
-        [--ours OTHER_BUILD ...] --threads 2 --pairs 30
+        [--ours OTHER_BUILD ...] --threads 2 --pairs 20 [--runs 10]
 
-Each --ours binary is started once with `bench-vision --paced` and kept loaded; onnxruntime runs
-in this process. Every round runs each runner once, in an order that rotates from round to round,
-with a short pause between runs so that one runtime's idle worker threads have gone to sleep
+Each --ours binary is started with `bench-vision --paced` and kept loaded for a run; onnxruntime
+runs in this process, a new session per run. A process keeps the speed offset it started with
+(memory placement, presumably) for its life, so to compare builds use several runs (--runs):
+each starts every runner afresh, and the median of the runs' medians is the figure to quote.
+Every round runs each runner once, in an order that rotates from round to round, with a short
+pause between runs so that one runtime's idle worker threads have gone to sleep
 before the other starts. Prints one JSON line: per runner the median and quartiles of its run
 times, and per posegpt-edge binary the median and quartiles of its per-round ratio to
-onnxruntime.
+onnxruntime, and with --runs the per-run medians, their median and range.
 
 Requirements: scripts/requirements-bench.txt.
 """
@@ -82,15 +85,8 @@ class Ort:
         pass
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("model")
-    ap.add_argument("--ours", action="append", required=True, help="a posegpt-edge binary")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--pairs", type=int, default=30, help="rounds (one run of each runner)")
-    ap.add_argument("--pause-ms", type=float, default=50.0, help="pause between two runs")
-    args = ap.parse_args()
-
+def paired_run(args):
+    """One run: every runner started afresh, then `args.pairs` rounds; the run times per runner."""
     runners = [Ours(b, args.model, args.threads) for b in args.ours]
     ort_runner = Ort(args.model, args.threads)
     runners.append(ort_runner)
@@ -104,15 +100,44 @@ def main():
             print(f"round {i + 1}/{args.pairs}", file=sys.stderr)
     for r in runners:
         r.close()
-    ort_ms = times[ort_runner.name]
+    return times, ort_runner
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--ours", action="append", required=True, help="a posegpt-edge binary")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--pairs", type=int, default=30, help="rounds (one run of each runner)")
+    ap.add_argument("--runs", type=int, default=1,
+                    help="runs, each with every runner started afresh: a process keeps the speed "
+                         "offset it started with, so one run is one sample of it")
+    ap.add_argument("--pause-ms", type=float, default=50.0, help="pause between two runs")
+    args = ap.parse_args()
+
+    per_run = []
+    for run in range(args.runs):
+        if args.runs > 1:
+            print(f"run {run + 1}/{args.runs}", file=sys.stderr)
+        per_run.append(paired_run(args))
+    times = {name: [t for ts, _ in per_run for t in ts[name]] for name in per_run[0][0]}
+    ort_name = per_run[0][1].name
+    # Per binary and run: the median of that run's per-pair ratios.
+    run_ratios = {b: [statistics.median([o / r for o, r in zip(ts[b], ts[ort_name])])
+                      for ts, _ in per_run] for b in args.ours}
+    ort_ms = times[ort_name]
     print(json.dumps({
         "model": args.model,
         "threads": args.threads,
         "pairs": args.pairs,
-        "onnxruntime": ort_runner.version,
+        "runs": args.runs,
+        "onnxruntime": per_run[0][1].version,
         "runs_ms": {name: quartiles(t) for name, t in times.items()},
         "ratio_to_onnxruntime": {
             b: quartiles([o / r for o, r in zip(times[b], ort_ms)]) for b in args.ours},
+        "ratio_per_run": {
+            b: {"medians": r, "median_of_medians": statistics.median(r),
+                "min": min(r), "max": max(r)} for b, r in run_ratios.items()},
     }))
 
 
