@@ -16,6 +16,7 @@
 //! each rounded and clipped to 8 bits. Generic bicubic filters differ from it by up to ~18
 //! levels on real images, which would move the pose.
 
+pub mod linear;
 pub mod ops;
 mod panel;
 
@@ -517,7 +518,18 @@ fn load_plan_inner(
         reason,
     };
     let (model, s) = read_with_input(path, size)?;
-    let model = model.into_optimized().map_err(|e| {
+    let optimise = |model: InferenceModel| -> TractResult<TypedModel> {
+        let mut model = model.into_typed()?.into_decluttered()?;
+        let taken = linear::take_products(&mut model)?;
+        if taken > 0 {
+            log::debug!(
+                "{}: {taken} linear layers on this project's kernel",
+                path.display()
+            );
+        }
+        model.into_optimized()
+    };
+    let model = optimise(model).map_err(|e| {
         err(format!(
             "cannot optimise it for a [1,3,{s},{s}] input: {e:#}"
         ))

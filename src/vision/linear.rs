@@ -1,0 +1,702 @@
+//! The encoder's linear layers (activations × a constant weight matrix) with this project's own
+//! matrix-product kernel, on CPUs with AVX-512.
+//!
+//! tract's f32 kernels run a product tile by tile over the whole depth: each call streams its
+//! weight panel (32 features × the depth, 96 kB at depth 768) from L2. On a core with two
+//! 512-bit FMA ports that leaves the kernel at ≈ 100 GFLOP/s where onnxruntime's reaches ≈ 150
+//! (docs/performance.md). Here the weights are packed once, at load, into blocks of
+//! [`BLOCK`] output features, and the product runs in passes of [`DEPTH`] along the depth, so
+//! that a block's slice of weights stays in the core's cache while every group of [`PANEL`]
+//! tokens is multiplied by it: 8 × 48 outputs in 24 vector registers, 3 weight loads and 8
+//! broadcasts per step of the depth.
+//!
+//! [`take_products`] replaces tract's product where the kernel applies (a CPU with AVX-512 and
+//! two FMA ports, an f32 `x[…, t, k] · W[k, n]` with W constant); everything else keeps tract's.
+//! The kernel is written with pulp's safe wrappers of the AVX-512 intrinsics, which its `V4`
+//! token unlocks once the CPU is checked.
+
+use std::sync::Arc;
+
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::einsum::EinSum;
+
+/// Tokens per activation panel (the kernel's rows).
+pub const PANEL: usize = 8;
+/// 16-lane registers per weight block.
+const LANES: usize = 3;
+/// Output features per weight block (the kernel's columns).
+pub const BLOCK: usize = LANES * 16;
+/// Depth of one pass: a block's weights for one pass (72 kB) stay in L2 next to the panels.
+const DEPTH: usize = 384;
+
+/// Multiply-adds below which a product runs on the calling thread.
+const MIN_PARALLEL_WORK: usize = 1 << 21;
+
+/// One weight block's values at one depth: `BLOCK` features.
+type Row = [[f32; 16]; LANES];
+
+/// A constant `[k, n]` weight matrix, packed for the kernel.
+#[derive(Debug)]
+pub struct PackedWeights {
+    k: usize,
+    n: usize,
+    /// Depths per pass.
+    depth: usize,
+    /// In the order the kernel reads them: pass by pass (depths `k0..k1`, [`DEPTH`] long),
+    /// and within a pass block by block, each block's rows `k0..k1` in a row; features past
+    /// `n` are zero.
+    rows: Vec<Row>,
+}
+
+impl PackedWeights {
+    /// Pack a row-major `[k, n]` matrix.
+    pub fn new(w: &[f32], k: usize, n: usize) -> Self {
+        Self::with_depth(w, k, n, DEPTH)
+    }
+
+    /// Pack a row-major `[k, n]` matrix for passes `depth` long.
+    pub fn with_depth(w: &[f32], k: usize, n: usize, depth: usize) -> Self {
+        assert_eq!(w.len(), k * n, "a {k}×{n} matrix");
+        assert!(depth > 0 && depth <= DEPTH, "passes of 1..={DEPTH}");
+        let blocks = n.div_ceil(BLOCK);
+        let mut rows = Vec::with_capacity(blocks * k);
+        for k0 in (0..k).step_by(depth) {
+            let k1 = (k0 + depth).min(k);
+            for b in 0..blocks {
+                let first = b * BLOCK;
+                let width = BLOCK.min(n - first);
+                for src in w.chunks_exact(n).take(k1).skip(k0) {
+                    let mut row = [[0f32; 16]; LANES];
+                    row.as_flattened_mut()[..width].copy_from_slice(&src[first..first + width]);
+                    rows.push(row);
+                }
+            }
+        }
+        PackedWeights { k, n, depth, rows }
+    }
+
+    /// Block `b`'s rows for the pass over depths `k0..k1`.
+    fn pass(&self, k0: usize, k1: usize, b: usize) -> &[Row] {
+        let start = k0 * self.n.div_ceil(BLOCK) + b * (k1 - k0);
+        &self.rows[start..start + (k1 - k0)]
+    }
+}
+
+/// `x · W` for an f32 `x` of shape `[…, t, k]` and a constant `W` packed at load.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weights: Arc<PackedWeights>,
+    /// Unit axes the output has in front of the input's (1 for `mk,kn->amn`), or, negative,
+    /// leading unit axes of the input it drops (-1 for `amk,kn->mn`).
+    pub front: isize,
+}
+
+impl PartialEq for Linear {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.weights, &other.weights) && self.front == other.front
+    }
+}
+
+impl Eq for Linear {}
+
+impl Op for Linear {
+    fn name(&self) -> StaticName {
+        "OwnMatMul".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl TypedOp for Linear {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let mut shape: TVec<TDim> = tvec![1.to_dim(); self.front.max(0) as usize];
+        shape.extend(
+            inputs[0]
+                .shape
+                .iter()
+                .skip((-self.front).max(0) as usize)
+                .cloned(),
+        );
+        let last = shape.last_mut().context("a linear layer of a scalar")?;
+        ensure!(
+            *last == self.weights.k.to_dim(),
+            "input depth {last} against weights of depth {}",
+            self.weights.k
+        );
+        *last = self.weights.n.to_dim();
+        Ok(tvec!(f32::fact(shape)))
+    }
+
+    fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        let tokens: TDim = inputs[0].shape.iter().rev().skip(1).product();
+        Ok(tvec!((
+            Cost::FMA(f32::datum_type()),
+            tokens * (self.weights.k * self.weights.n)
+        )))
+    }
+
+    as_op!();
+}
+
+impl EvalOp for Linear {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = args_1!(inputs);
+        let w = &*self.weights;
+        let mut shape: TVec<usize> = tvec![1; self.front.max(0) as usize];
+        shape.extend(
+            x.shape()
+                .iter()
+                .skip((-self.front).max(0) as usize)
+                .copied(),
+        );
+        let k = *shape.last().context("a linear layer of a scalar")?;
+        ensure!(k == w.k, "input depth {k} against weights of depth {}", w.k);
+        *shape.last_mut().unwrap() = w.n;
+        let view = x.to_plain_array_view::<f32>()?;
+        let x = view.as_slice().context("tensors are contiguous")?;
+        let tokens = x.len() / k.max(1);
+        // Made as a tensor and written in place (an array converted afterwards is copied).
+        let mut out = Tensor::zero::<f32>(&shape)?;
+        let mut view = out.to_plain_array_view_mut::<f32>()?;
+        let slice = view.as_slice_mut().context("tensors are contiguous")?;
+        product(w, x, tokens, slice)?;
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+/// `out[t, n] = Σ_k x[t, k] · W[k, n]` for `tokens` rows of `x`, on tract's threads.
+pub fn product(w: &PackedWeights, x: &[f32], tokens: usize, out: &mut [f32]) -> TractResult<()> {
+    ensure!(x.len() == tokens * w.k && out.len() == tokens * w.n);
+    let simd = kernel::available().context("the product kernel needs AVX-512")?;
+    let (k, n) = (w.k, w.n);
+    let blocks = n.div_ceil(BLOCK);
+    if n == 0 {
+        return Ok(());
+    }
+    let pool = match tract_linalg::multithread::current_tract_executor() {
+        tract_linalg::multithread::Executor::MultiThread(pool)
+            if tokens * k * n >= MIN_PARALLEL_WORK && blocks > 1 =>
+        {
+            Some(pool)
+        }
+        _ => None,
+    };
+    let Some(pool) = pool else {
+        let mut rows: Vec<&mut [f32]> = out.chunks_exact_mut(n).collect();
+        kernel::run(simd, w, x, 0..blocks, &mut rows);
+        return Ok(());
+    };
+    // Feature blocks split evenly between the threads, so that each streams only its share of
+    // the weights through its core's cache; each writes its own columns of every row.
+    let threads = pool.current_num_threads().clamp(1, blocks);
+    let per = blocks.div_ceil(threads);
+    let mut parts: Vec<Vec<&mut [f32]>> = (0..threads).map(|_| Vec::new()).collect();
+    for row in out.chunks_exact_mut(n) {
+        let mut rest = row;
+        for part in parts.iter_mut() {
+            let (mine, more) = rest.split_at_mut((per * BLOCK).min(rest.len()));
+            part.push(mine);
+            rest = more;
+        }
+    }
+    use rayon::prelude::*;
+    pool.install(|| {
+        parts.par_iter_mut().enumerate().for_each(|(i, rows)| {
+            let range = (i * per).min(blocks)..((i + 1) * per).min(blocks);
+            kernel::run(simd, w, x, range, rows)
+        })
+    });
+    Ok(())
+}
+
+/// Replace each f32 product of activations by a constant `[k, n]` matrix (`…k,kn->…n`) with
+/// [`Linear`], where the kernel beats tract's on this CPU. Returns how many were replaced.
+pub fn take_products(model: &mut TypedModel) -> TractResult<usize> {
+    if !kernel::pays() {
+        return Ok(0);
+    }
+    take_products_here(model)
+}
+
+/// [`take_products`] wherever the CPU has the kernel's instructions, whether or not it pays.
+fn take_products_here(model: &mut TypedModel) -> TractResult<usize> {
+    if kernel::available().is_none() {
+        return Ok(0);
+    }
+    let mut taken = 0;
+    // Node ids change when the model is compacted after each replacement: look again each time.
+    while let Some(Found {
+        id,
+        x,
+        weights,
+        front,
+    }) = next_product(model)?
+    {
+        let (k, n) = (weights.shape()[0], weights.shape()[1]);
+        let view = weights.to_plain_array_view::<f32>()?;
+        let values = view.as_slice().context("constants are contiguous")?;
+        let op = Linear {
+            weights: Arc::new(PackedWeights::new(values, k, n)),
+            front,
+        };
+        drop(weights);
+        let node = model.node(id);
+        let name = node.name.clone();
+        let patch = TypedModelPatch::replace_single_op(model, node, &[x], op)
+            .with_context(|| format!("replacing {name}"))?;
+        patch.apply(model)?;
+        // The constant's only reader is gone: drop it now, so that a layer's weights and
+        // their packed copy are held together only one layer at a time.
+        model.compact()?;
+        taken += 1;
+    }
+    Ok(taken)
+}
+
+/// A product [`take_products`] can replace.
+struct Found {
+    /// Its node.
+    id: usize,
+    /// Its activations.
+    x: OutletId,
+    /// Its constant `[k, n]` matrix.
+    weights: Arc<Tensor>,
+    /// [`Linear::front`].
+    front: isize,
+}
+
+/// The first product `x[…, t, k] · W[k, n] -> out[…, t, n]` in f32 with a constant `W`.
+fn next_product(model: &TypedModel) -> TractResult<Option<Found>> {
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(einsum) = node.op_as::<EinSum>() else {
+            continue;
+        };
+        if einsum.q_params.is_some() || einsum.operating_dt != f32::datum_type() {
+            continue;
+        }
+        let [x, w] = node.inputs[..] else { continue };
+        let Some(weights) = model.outlet_fact(w)?.konst.clone() else {
+            continue;
+        };
+        let x_fact = model.outlet_fact(x)?;
+        if weights.rank() != 2
+            || weights.datum_type() != f32::datum_type()
+            || x_fact.datum_type != f32::datum_type()
+            || x_fact.rank() < 2
+        {
+            continue;
+        }
+        // Exactly x[…, t, k] · W[k, n] -> out[…, t, n]: the same leading axes, k summed, but
+        // for unit axes in front that the output adds (the projector's rank-2 input) or drops.
+        let letters: Vec<char> = ('a'..='z').filter(|c| !"kn".contains(*c)).collect();
+        let (x_rank, out_fact) = (x_fact.rank(), model.outlet_fact(OutletId::new(id, 0))?);
+        let front = out_fact.rank() as isize - x_rank as isize;
+        let unit =
+            |shape: &ShapeFact, axes: usize| shape.iter().take(axes).all(|d| *d == 1.to_dim());
+        let expected = if front >= 0 {
+            let lead: String = letters[..x_rank - 1].iter().collect();
+            let extra: String = letters[x_rank - 1..][..front as usize].iter().collect();
+            unit(&out_fact.shape, front as usize).then(|| format!("{lead}k,kn->{extra}{lead}n"))
+        } else {
+            let dropped = (-front) as usize;
+            let lead: String = letters[..x_rank - 1].iter().collect();
+            (dropped < x_rank - 1 && unit(&x_fact.shape, dropped))
+                .then(|| format!("{lead}k,kn->{}n", &lead[dropped..]))
+        };
+        if front.abs() <= 2
+            && expected.is_some_and(|e| normalise(&einsum.axes.to_string()) == normalise(&e))
+        {
+            return Ok(Some(Found {
+                id,
+                x,
+                weights,
+                front,
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// An einsum expression with its axis letters renamed in order of appearance, so that two
+/// expressions of the same form compare equal whatever letters tract chose.
+fn normalise(expr: &str) -> String {
+    let mut names: Vec<char> = Vec::new();
+    expr.chars()
+        .map(|c| {
+            if c.is_alphabetic() {
+                let i = names.iter().position(|&n| n == c).unwrap_or_else(|| {
+                    names.push(c);
+                    names.len() - 1
+                });
+                (b'A' + i as u8) as char
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+#[cfg(target_arch = "x86_64")]
+mod kernel {
+    use super::{PackedWeights, Row, DEPTH, LANES, PANEL};
+    use pulp::f32x16;
+    use pulp::x86::V4;
+
+    /// The CPU's AVX-512 level, where it has it.
+    pub fn available() -> Option<V4> {
+        V4::try_new()
+    }
+
+    /// Whether the kernel beats tract's here: on a core with two 512-bit FMA ports. (On one
+    /// with one, tract's kernels were measured level with onnxruntime's: they are kept.)
+    pub fn pays() -> bool {
+        available().is_some() && tract_linalg::x86_64::fma_width::has_dual_avx512_fma()
+    }
+
+    /// The rows of `out` (`xp.len() / k` panels' worth) from the packed panels `xp`.
+    /// Feature blocks `blocks` of every row: `rows[t]` holds token `t`'s outputs from the
+    /// first of those blocks on.
+    pub fn run(
+        simd: V4,
+        w: &PackedWeights,
+        x: &[f32],
+        blocks: std::ops::Range<usize>,
+        rows: &mut [&mut [f32]],
+    ) {
+        simd.vectorize(Passes {
+            simd,
+            w,
+            x,
+            blocks,
+            rows,
+        });
+    }
+
+    /// Depths of zeros: the missing tokens of a last, partly empty panel.
+    static ZEROS: [f32; DEPTH] = [0.0; DEPTH];
+
+    struct Passes<'a, 'r> {
+        simd: V4,
+        w: &'a PackedWeights,
+        /// The activations, row-major `[tokens, k]`, read in place.
+        x: &'a [f32],
+        blocks: std::ops::Range<usize>,
+        rows: &'a mut [&'r mut [f32]],
+    }
+
+    impl pulp::NullaryFnOnce for Passes<'_, '_> {
+        type Output = ();
+
+        // Inlined into `vectorize`, so that it is compiled with AVX-512 enabled.
+        #[inline(always)]
+        fn call(self) {
+            let Passes {
+                simd,
+                w,
+                x,
+                blocks,
+                rows,
+            } = self;
+            let (k, n) = (w.k, w.n);
+            if k == 0 || blocks.is_empty() {
+                return;
+            }
+            let zero = simd.splat_f32x16(0.0);
+            let origin = blocks.start * super::BLOCK;
+            for k0 in (0..k).step_by(w.depth) {
+                let k1 = (k0 + w.depth).min(k);
+                for b in blocks.clone() {
+                    let wk = w.pass(k0, k1, b);
+                    let first = b * super::BLOCK - origin;
+                    let width = super::BLOCK.min(n - b * super::BLOCK);
+                    // The next weights this thread reads, asked into L2 a share per panel while
+                    // these run.
+                    let next: &[Row] = if b + 1 < blocks.end {
+                        w.pass(k0, k1, b + 1)
+                    } else if k1 < k {
+                        w.pass(k1, (k1 + w.depth).min(k), blocks.start)
+                    } else {
+                        &[]
+                    };
+                    let panels = x.len().div_ceil(PANEL * k).max(1);
+                    let share = next.len().div_ceil(panels);
+                    let mut ahead = next.chunks(share.max(1));
+                    for (panel, rows) in x.chunks(PANEL * k).zip(rows.chunks_mut(PANEL)) {
+                        for row in ahead.next().unwrap_or(&[]) {
+                            for line in row {
+                                // A hint: never faults, whatever the address.
+                                simd.sse
+                                    ._mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T1 }>(
+                                        line.as_ptr().cast(),
+                                    );
+                            }
+                        }
+                        // The panel's tokens at this pass's depths, zeros past the last token.
+                        let xs: [&[f32]; PANEL] = std::array::from_fn(|t| {
+                            panel
+                                .get(t * k..(t + 1) * k)
+                                .map_or(&ZEROS[..k1 - k0], |row| &row[k0..k1])
+                        });
+                        let mut acc = [[zero; LANES]; PANEL];
+                        if k0 > 0 {
+                            for (a, row) in acc.iter_mut().zip(rows.iter()) {
+                                *a = load(&row[first..first + width]);
+                            }
+                        }
+                        steps(simd, wk, xs, &mut acc);
+                        for (a, row) in acc.iter().zip(rows.iter_mut()) {
+                            store(a, &mut row[first..first + width]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `acc[t] += Σ_d x[t][d] · w[d]` over the pass's depths.
+    #[inline(always)]
+    fn steps(simd: V4, w: &[Row], x: [&[f32]; PANEL], acc: &mut [[f32x16; LANES]; PANEL]) {
+        let depth = w.len();
+        let x: [&[f32]; PANEL] = std::array::from_fn(|t| &x[t][..depth]);
+        let mut a = *acc;
+        for (d, wd) in w.iter().enumerate() {
+            let wv: [f32x16; LANES] = std::array::from_fn(|l| pulp::cast(wd[l]));
+            for t in 0..PANEL {
+                let b = simd.splat_f32x16(x[t][d]);
+                for l in 0..LANES {
+                    a[t][l] = simd.mul_add_f32x16(wv[l], b, a[t][l]);
+                }
+            }
+        }
+        *acc = a;
+    }
+
+    /// One row's `BLOCK` (or fewer, zero-filled) outputs as registers.
+    #[inline(always)]
+    fn load(src: &[f32]) -> [f32x16; LANES] {
+        let mut row: Row = [[0.0; 16]; LANES];
+        row.as_flattened_mut()[..src.len()].copy_from_slice(src);
+        std::array::from_fn(|l| pulp::cast(row[l]))
+    }
+
+    /// Registers into one row's `BLOCK` (or fewer) outputs.
+    #[inline(always)]
+    fn store(a: &[f32x16; LANES], dst: &mut [f32]) {
+        let row: Row = std::array::from_fn(|l| pulp::cast(a[l]));
+        dst.copy_from_slice(&row.as_flattened()[..dst.len()]);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod kernel {
+    use super::{PackedWeights, PANEL};
+
+    /// No kernel of ours here: tract's products run.
+    #[derive(Clone, Copy)]
+    pub enum Never {}
+
+    pub fn available() -> Option<Never> {
+        None
+    }
+
+    pub fn pays() -> bool {
+        false
+    }
+
+    pub fn run(
+        simd: Never,
+        _: &PackedWeights,
+        _: &[f32],
+        _: std::ops::Range<usize>,
+        _: &mut [&mut [f32]],
+    ) {
+        match simd {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn reference(x: &[f32], w: &[f32], tokens: usize, k: usize, n: usize) -> Vec<f64> {
+        let mut out = vec![0f64; tokens * n];
+        for t in 0..tokens {
+            for d in 0..k {
+                let xv = x[t * k + d] as f64;
+                for j in 0..n {
+                    out[t * n + j] += xv * w[d * n + j] as f64;
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_kernel_computes_the_product_for_every_edge_of_its_tiles() {
+        if kernel::available().is_none() {
+            // Without AVX-512 nothing is replaced: the plan keeps tract's products.
+            let mut model = one_product_model(4, 8, 8);
+            assert_eq!(take_products(&mut model).unwrap(), 0);
+            return;
+        }
+        // Tokens around the panel height, depths around one pass, widths around a block.
+        for &(tokens, k, n) in &[
+            (1, 1, 1),
+            (7, 5, 47),
+            (8, 384, 48),
+            (9, 385, 49),
+            (17, 800, 100),
+            (197, 768, 96),
+        ] {
+            let x = values(tokens * k, 1 + k as u64);
+            let w = values(k * n, 2 + n as u64);
+            let packed = PackedWeights::new(&w, k, n);
+            let mut out = vec![f32::NAN; tokens * n];
+            product(&packed, &x, tokens, &mut out).unwrap();
+            let want = reference(&x, &w, tokens, k, n);
+            for (i, (&got, &want)) in out.iter().zip(&want).enumerate() {
+                let tol = 1e-5 * (k as f64).sqrt().max(1.0);
+                assert!(
+                    (got as f64 - want).abs() <= tol,
+                    "{tokens}x{k}x{n}: output {i} is {got}, want {want}"
+                );
+            }
+        }
+    }
+
+    /// x[1, tokens, k] · W[k, n] as a decluttered tract model.
+    fn one_product_model(tokens: usize, k: usize, n: usize) -> TypedModel {
+        product_model("amk,kn->amn", &[1, tokens, k], k, n)
+            .into_decluttered()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_plan_with_the_kernel_agrees_with_tracts_and_holds_no_product_of_tracts() {
+        let (tokens, k, n) = (13, 96, 80);
+        let model = one_product_model(tokens, k, n);
+        let mut ours = model.clone();
+        let taken = take_products_here(&mut ours).unwrap();
+        if kernel::available().is_none() {
+            assert_eq!(taken, 0);
+            return;
+        }
+        assert_eq!(taken, 1);
+        assert!(ours.nodes().iter().all(|n| !n.op_is::<EinSum>()));
+        assert!(
+            ours.nodes().iter().all(|n| n
+                .op_as::<tract_onnx::tract_core::ops::konst::Const>()
+                .is_none()),
+            "weights dropped"
+        );
+        let x = tract_ndarray::Array3::from_shape_vec((1, tokens, k), values(tokens * k, 9))
+            .unwrap()
+            .into_tensor();
+        let run = |m: TypedModel| {
+            let plan = m.into_optimized().unwrap().into_runnable().unwrap();
+            plan.run(tvec!(x.clone().into_tvalue()))
+                .unwrap()
+                .remove(0)
+                .into_tensor()
+        };
+        let (want, got) = (run(model), run(ours));
+        assert_eq!(got.shape(), &[1, tokens, n]);
+        let (want, got) = (
+            want.to_plain_array_view::<f32>().unwrap(),
+            got.to_plain_array_view::<f32>().unwrap(),
+        );
+        for (i, (a, b)) in got.iter().zip(want.iter()).enumerate() {
+            assert!((a - b).abs() < 1e-4, "output {i}: {a} against tract's {b}");
+        }
+    }
+
+    /// x (of `x_shape`) · W[k, n] wired as `expr`, decluttered or not.
+    fn product_model(expr: &str, x_shape: &[usize], k: usize, n: usize) -> TypedModel {
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact(x_shape)).unwrap();
+        let w = tract_ndarray::Array2::from_shape_vec((k, n), values(k * n, 7))
+            .unwrap()
+            .into_tensor();
+        let w = model.add_const("w", w).unwrap();
+        let axes: AxesMapping = expr.parse().unwrap();
+        let y = model
+            .wire_node("product", EinSum::new(axes, f32::datum_type()), &[x, w])
+            .unwrap();
+        model.select_output_outlets(&y).unwrap();
+        model
+    }
+
+    #[test]
+    fn the_projectors_forms_are_taken_with_their_unit_axes_and_others_are_left() {
+        let Some(_) = kernel::available() else {
+            let mut model = product_model("mk,kn->amn", &[5, 16], 16, 8);
+            assert_eq!(take_products_here(&mut model).unwrap(), 0);
+            return;
+        };
+        // (expression, input shape, replaced, output shape)
+        let cases: &[(&str, &[usize], bool, &[usize])] = &[
+            ("mk,kn->amn", &[5, 16], true, &[1, 5, 8]),
+            ("amk,kn->mn", &[1, 5, 16], true, &[5, 8]),
+            ("mk,kn->mn", &[5, 16], true, &[5, 8]),
+            // W read transposed, or the depth not the input's last axis: tract's.
+            ("mk,nk->mn", &[5, 16], false, &[5, 8]),
+            ("km,kn->mn", &[16, 5], false, &[5, 8]),
+        ];
+        for &(expr, x_shape, replaced, out_shape) in cases {
+            let (k, n) = if expr.contains("nk") {
+                (8, 16)
+            } else {
+                (16, 8)
+            };
+            let model = product_model(expr, x_shape, k, n);
+            let mut ours = model.clone();
+            let taken = take_products_here(&mut ours).unwrap();
+            assert_eq!(taken, replaced as usize, "{expr}");
+            let x =
+                tract_ndarray::ArrayD::from_shape_vec(x_shape, values(x_shape.iter().product(), 3))
+                    .unwrap()
+                    .into_tensor();
+            let run = |m: TypedModel| {
+                let plan = m.into_optimized().unwrap().into_runnable().unwrap();
+                plan.run(tvec!(x.clone().into_tvalue()))
+                    .unwrap()
+                    .remove(0)
+                    .into_tensor()
+            };
+            let (want, got) = (run(model), run(ours));
+            assert_eq!(got.shape(), out_shape, "{expr}");
+            let (want, got) = (
+                want.to_plain_array_view::<f32>().unwrap(),
+                got.to_plain_array_view::<f32>().unwrap(),
+            );
+            for (a, b) in got.iter().zip(want.iter()) {
+                assert!((a - b).abs() < 1e-4, "{expr}: {a} against tract's {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn einsum_forms_compare_whatever_their_letters() {
+        assert_eq!(normalise("amk,kn->amn"), normalise("bxk,kz->bxz"));
+        assert_ne!(normalise("amk,kn->amn"), normalise("amk,nk->amn"));
+        assert_ne!(normalise("mk,kn->mn"), normalise("km,kn->mn"));
+    }
+}
