@@ -1,14 +1,13 @@
 //! The encoder's linear layers (activations × a constant weight matrix) with this project's own
 //! matrix-product kernel, on CPUs with AVX-512.
 //!
-//! tract's f32 kernels run a product tile by tile over the whole depth: each call streams its
-//! weight panel (32 features × the depth, 96 kB at depth 768) from L2. On a core with two
-//! 512-bit FMA ports that leaves the kernel at ≈ 100 GFLOP/s where onnxruntime's reaches ≈ 150
-//! (docs/performance.md). Here the weights are packed once, at load, into blocks of
-//! [`BLOCK`] output features, and the product runs in passes of [`DEPTH`] along the depth, so
-//! that a block's slice of weights stays in the core's cache while every group of [`PANEL`]
-//! tokens is multiplied by it: 8 × 48 outputs in 24 vector registers, 3 weight loads and 8
-//! broadcasts per step of the depth.
+//! On a core with two 512-bit FMA ports tract's f32 kernels run the tower's products at
+//! ≈ 100 GFLOP/s where onnxruntime's reach ≈ 150 (docs/performance.md). Here the weights are
+//! packed once, at load, into blocks of [`BLOCK`] output features, and each block is multiplied
+//! by every group of [`PANEL`] tokens in turn while its weights are still in the core's cache:
+//! 8 × 48 outputs in 24 vector registers, 3 weight loads and 8 broadcasts per step of the depth,
+//! the activations read in place, the next block's weights asked for ahead. Products deeper
+//! than [`DEPTH`] run in passes of that depth.
 //!
 //! [`take_products`] replaces tract's product where the kernel applies (a CPU with AVX-512 and
 //! two FMA ports, an f32 `x[…, t, k] · W[k, n]` with W constant); everything else keeps tract's.
@@ -26,8 +25,10 @@ pub const PANEL: usize = 8;
 const LANES: usize = 3;
 /// Output features per weight block (the kernel's columns).
 pub const BLOCK: usize = LANES * 16;
-/// Depth of one pass: a block's weights for one pass (72 kB) stay in L2 next to the panels.
-const DEPTH: usize = 384;
+/// Depth of one pass. Deeper passes measured faster in whole-tower runs (each pass reads and
+/// writes the output again): ViT-L/14 against onnxruntime at two threads 1.25 at 384, 1.06 at
+/// 512, 1.00 at 1024 (no pass split for its 1024-deep layers).
+const DEPTH: usize = 1024;
 
 /// Multiply-adds below which a product runs on the calling thread.
 const MIN_PARALLEL_WORK: usize = 1 << 21;
@@ -557,18 +558,21 @@ mod tests {
             assert_eq!(take_products(&mut model).unwrap(), 0);
             return;
         }
-        // Tokens around the panel height, depths around one pass, widths around a block.
-        for &(tokens, k, n) in &[
-            (1, 1, 1),
-            (7, 5, 47),
-            (8, 384, 48),
-            (9, 385, 49),
-            (17, 800, 100),
-            (197, 768, 96),
+        // Tokens around the panel height, depths around one pass (of the default depth or of
+        // 7), widths around a block.
+        for &(tokens, k, n, depth) in &[
+            (1, 1, 1, DEPTH),
+            (7, 5, 47, DEPTH),
+            (8, 1024, 48, DEPTH),
+            (9, 1025, 49, DEPTH),
+            (17, 2100, 100, DEPTH),
+            (197, 768, 96, DEPTH),
+            (9, 15, 49, 7),
+            (16, 21, 96, 7),
         ] {
             let x = values(tokens * k, 1 + k as u64);
             let w = values(k * n, 2 + n as u64);
-            let packed = PackedWeights::new(&w, k, n);
+            let packed = PackedWeights::with_depth(&w, k, n, depth);
             let mut out = vec![f32::NAN; tokens * n];
             product(&packed, &x, tokens, &mut out).unwrap();
             let want = reference(&x, &w, tokens, k, n);
