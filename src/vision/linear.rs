@@ -614,6 +614,17 @@ mod tests {
         let x = tract_ndarray::Array3::from_shape_vec((1, tokens, k), values(tokens * k, 9))
             .unwrap()
             .into_tensor();
+        assert_plans_agree(model, ours, &x, &[1, tokens, n], "amk,kn->amn");
+    }
+
+    /// Both models optimised and run on `x` give an output of `shape`, within 1e-4.
+    fn assert_plans_agree(
+        tracts: TypedModel,
+        ours: TypedModel,
+        x: &Tensor,
+        shape: &[usize],
+        what: &str,
+    ) {
         let run = |m: TypedModel| {
             let plan = m.into_optimized().unwrap().into_runnable().unwrap();
             plan.run(tvec!(x.clone().into_tvalue()))
@@ -621,14 +632,17 @@ mod tests {
                 .remove(0)
                 .into_tensor()
         };
-        let (want, got) = (run(model), run(ours));
-        assert_eq!(got.shape(), &[1, tokens, n]);
+        let (want, got) = (run(tracts), run(ours));
+        assert_eq!(got.shape(), shape, "{what}");
         let (want, got) = (
             want.to_plain_array_view::<f32>().unwrap(),
             got.to_plain_array_view::<f32>().unwrap(),
         );
         for (i, (a, b)) in got.iter().zip(want.iter()).enumerate() {
-            assert!((a - b).abs() < 1e-4, "output {i}: {a} against tract's {b}");
+            assert!(
+                (a - b).abs() < 1e-4,
+                "{what}: output {i} is {a}, tract's {b}"
+            );
         }
     }
 
@@ -678,22 +692,7 @@ mod tests {
                 tract_ndarray::ArrayD::from_shape_vec(x_shape, values(x_shape.iter().product(), 3))
                     .unwrap()
                     .into_tensor();
-            let run = |m: TypedModel| {
-                let plan = m.into_optimized().unwrap().into_runnable().unwrap();
-                plan.run(tvec!(x.clone().into_tvalue()))
-                    .unwrap()
-                    .remove(0)
-                    .into_tensor()
-            };
-            let (want, got) = (run(model), run(ours));
-            assert_eq!(got.shape(), out_shape, "{expr}");
-            let (want, got) = (
-                want.to_plain_array_view::<f32>().unwrap(),
-                got.to_plain_array_view::<f32>().unwrap(),
-            );
-            for (a, b) in got.iter().zip(want.iter()) {
-                assert!((a - b).abs() < 1e-4, "{expr}: {a} against tract's {b}");
-            }
+            assert_plans_agree(model, ours, &x, out_shape, expr);
         }
     }
 
