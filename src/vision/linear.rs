@@ -37,6 +37,8 @@ const MIN_PARALLEL_WORK: usize = 1 << 21;
 type Row = [[f32; 16]; LANES];
 
 /// A constant `[k, n]` weight matrix, packed for the kernel.
+// Read by the kernel only, which is x86-64's (elsewhere no product is replaced).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[derive(Debug)]
 pub struct PackedWeights {
     k: usize,
@@ -77,6 +79,7 @@ impl PackedWeights {
     }
 
     /// Block `b`'s rows for the pass over depths `k0..k1`.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     fn pass(&self, k0: usize, k1: usize, b: usize) -> &[Row] {
         let start = k0 * self.n.div_ceil(BLOCK) + b * (k1 - k0);
         &self.rows[start..start + (k1 - k0)]
@@ -493,7 +496,7 @@ mod kernel {
 
 #[cfg(not(target_arch = "x86_64"))]
 mod kernel {
-    use super::{PackedWeights, PANEL};
+    use super::PackedWeights;
 
     /// No kernel of ours here: tract's products run.
     #[derive(Clone, Copy)]
