@@ -155,12 +155,16 @@ impl EvalOp for Linear {
                 .skip((-self.front).max(0) as usize)
                 .copied(),
         );
-        let k = *shape.last().context("a linear layer of a scalar")?;
-        ensure!(k == w.k, "input depth {k} against weights of depth {}", w.k);
-        *shape.last_mut().unwrap() = w.n;
+        let last = shape.last_mut().context("a linear layer of a scalar")?;
+        ensure!(
+            *last == w.k,
+            "input depth {last} against weights of depth {}",
+            w.k
+        );
+        *last = w.n;
+        let tokens = shape.iter().rev().skip(1).product();
         let view = x.to_plain_array_view::<f32>()?;
         let x = view.as_slice().context("tensors are contiguous")?;
-        let tokens = x.len() / k.max(1);
         // Made as a tensor and written in place (an array converted afterwards is copied).
         let mut out = Tensor::zero::<f32>(&shape)?;
         let mut view = out.to_plain_array_view_mut::<f32>()?;
