@@ -103,6 +103,25 @@ impl PartialEq for Linear {
 
 impl Eq for Linear {}
 
+impl Linear {
+    /// The output's shape (dims or sizes) for an input of `input`: the unit axes `front`
+    /// adds or drops, and the depth `k` replaced by the width `n`.
+    fn output_shape<D>(&self, input: &[D], k: D, n: D) -> TractResult<TVec<D>>
+    where
+        D: Clone + PartialEq + std::fmt::Display + From<usize>,
+    {
+        let mut shape: TVec<D> = tvec![D::from(1usize); self.front.max(0) as usize];
+        shape.extend(input.iter().skip((-self.front).max(0) as usize).cloned());
+        let last = shape.last_mut().context("a linear layer of a scalar")?;
+        ensure!(
+            *last == k,
+            "input depth {last} against weights of depth {k}"
+        );
+        *last = n;
+        Ok(shape)
+    }
+}
+
 impl Op for Linear {
     fn name(&self) -> StaticName {
         "OwnMatMul".into()
@@ -113,21 +132,8 @@ impl Op for Linear {
 
 impl TypedOp for Linear {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let mut shape: TVec<TDim> = tvec![1.to_dim(); self.front.max(0) as usize];
-        shape.extend(
-            inputs[0]
-                .shape
-                .iter()
-                .skip((-self.front).max(0) as usize)
-                .cloned(),
-        );
-        let last = shape.last_mut().context("a linear layer of a scalar")?;
-        ensure!(
-            *last == self.weights.k.to_dim(),
-            "input depth {last} against weights of depth {}",
-            self.weights.k
-        );
-        *last = self.weights.n.to_dim();
+        let w = &*self.weights;
+        let shape = self.output_shape(&inputs[0].shape, w.k.to_dim(), w.n.to_dim())?;
         Ok(tvec!(f32::fact(shape)))
     }
 
@@ -148,20 +154,7 @@ impl EvalOp for Linear {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let x = args_1!(inputs);
         let w = &*self.weights;
-        let mut shape: TVec<usize> = tvec![1; self.front.max(0) as usize];
-        shape.extend(
-            x.shape()
-                .iter()
-                .skip((-self.front).max(0) as usize)
-                .copied(),
-        );
-        let last = shape.last_mut().context("a linear layer of a scalar")?;
-        ensure!(
-            *last == w.k,
-            "input depth {last} against weights of depth {}",
-            w.k
-        );
-        *last = w.n;
+        let shape = self.output_shape(x.shape(), w.k, w.n)?;
         let tokens = shape.iter().rev().skip(1).product();
         let view = x.to_plain_array_view::<f32>()?;
         let x = view.as_slice().context("tensors are contiguous")?;
