@@ -56,6 +56,8 @@ pub struct PackedWeights {
     /// and within a pass block by block, each block's rows `k0..k1` in a row; features past
     /// `n` are zero.
     rows: Vec<Row>,
+    /// A bias `[n]` the products start from, block by block (zeros past `n`).
+    bias: Option<Vec<Row>>,
 }
 
 impl PackedWeights {
@@ -82,7 +84,28 @@ impl PackedWeights {
                 }
             }
         }
-        PackedWeights { k, n, depth, rows }
+        PackedWeights {
+            k,
+            n,
+            depth,
+            rows,
+            bias: None,
+        }
+    }
+
+    /// The same, with a bias `[n]` added to every token's outputs.
+    pub fn with_bias(mut self, bias: &[f32]) -> Self {
+        assert_eq!(bias.len(), self.n, "a bias of {} features", self.n);
+        let rows = bias
+            .chunks(BLOCK)
+            .map(|values| {
+                let mut row = [[0f32; 16]; LANES];
+                row.as_flattened_mut()[..values.len()].copy_from_slice(values);
+                row
+            })
+            .collect();
+        self.bias = Some(rows);
+        self
     }
 
     /// Block `b`'s rows for the pass over depths `k0..k1`.
@@ -233,32 +256,48 @@ fn take_products_here(model: &mut TypedModel) -> TractResult<usize> {
     if kernel::available().is_none() {
         return Ok(0);
     }
-    let mut taken = 0;
+    let (mut taken, mut biases) = (0, 0);
     // Node ids change when the model is compacted after each replacement: look again each time.
     while let Some(Found {
         id,
         x,
         weights,
         front,
+        bias,
     }) = next_product(model)?
     {
         let (k, n) = (weights.shape()[0], weights.shape()[1]);
         let view = weights.to_plain_array_view::<f32>()?;
         let values = view.as_slice().context("constants are contiguous")?;
+        let mut packed = PackedWeights::new(values, k, n);
+        drop(weights);
+        // The bias add after the product, if there is one, goes into the kernel's first pass.
+        let mut last = id;
+        if let Some((add, bias)) = bias {
+            let view = bias.to_plain_array_view::<f32>()?;
+            packed = packed.with_bias(view.as_slice().context("constants are contiguous")?);
+            last = add;
+            biases += 1;
+        }
         let op = Linear {
-            weights: Arc::new(PackedWeights::new(values, k, n)),
+            weights: Arc::new(packed),
             front,
         };
-        drop(weights);
-        let node = model.node(id);
-        let name = node.name.clone();
-        let patch = TypedModelPatch::replace_single_op(model, node, &[x], op)
+        let name = model.node(id).name.clone();
+        let mut patch = TypedModelPatch::default();
+        let input = patch.tap_model(model, x)?;
+        let out = patch.wire_node(&name, op, &[input])?[0];
+        patch
+            .shunt_outside(model, OutletId::new(last, 0), out)
             .with_context(|| format!("replacing {name}"))?;
         patch.apply(model)?;
         // The constant's only reader is gone: drop it now, so that a layer's weights and
         // their packed copy are held together only one layer at a time.
         model.compact()?;
         taken += 1;
+    }
+    if taken > 0 {
+        log::debug!("{taken} products on this project's kernel, {biases} with their bias add");
     }
     Ok(taken)
 }
@@ -273,6 +312,9 @@ struct Found {
     weights: Arc<Tensor>,
     /// [`Linear::front`].
     front: isize,
+    /// The add of a constant bias `[n]` (any unit axes before it) that is the product's only
+    /// reader: its node and the bias.
+    bias: Option<(usize, Arc<Tensor>)>,
 }
 
 /// The first product `x[…, t, k] · W[k, n] -> out[…, t, n]` in f32 with a constant `W`.
@@ -317,15 +359,50 @@ fn next_product(model: &TypedModel) -> TractResult<Option<Found>> {
         if front.abs() <= 2
             && expected.is_some_and(|e| normalise(&einsum.axes.to_string()) == normalise(&e))
         {
+            let bias = bias_after(model, id, weights.shape()[1])?;
             return Ok(Some(Found {
                 id,
                 x,
                 weights,
                 front,
+                bias,
             }));
         }
     }
     Ok(None)
+}
+
+/// The node adding a constant f32 bias of `n` features (unit axes before them, no more axes
+/// than the product's output) to product `id`'s output, where that add is its only reader and
+/// leaves its shape as it is; and the bias.
+fn bias_after(
+    model: &TypedModel,
+    id: usize,
+    n: usize,
+) -> TractResult<Option<(usize, Arc<Tensor>)>> {
+    let product = OutletId::new(id, 0);
+    let [reader] = model.node(id).outputs[0].successors[..] else {
+        return Ok(None);
+    };
+    let add = model.node(reader.node);
+    let is_add = add
+        .op_as::<tract_onnx::tract_core::ops::binary::TypedBinOp>()
+        .is_some_and(|op| op.0.is::<tract_onnx::tract_core::ops::math::Add>());
+    if !is_add || model.output_outlets()?.contains(&product) || add.inputs.len() != 2 {
+        return Ok(None);
+    }
+    let other = add.inputs[1 - reader.slot];
+    let Some(bias) = model.outlet_fact(other)?.konst.clone() else {
+        return Ok(None);
+    };
+    let out = model.outlet_fact(product)?;
+    let shape = bias.shape();
+    let fits = bias.datum_type() == f32::datum_type()
+        && shape.last() == Some(&n)
+        && shape.iter().rev().skip(1).all(|&d| d == 1)
+        && shape.len() <= out.rank()
+        && model.outlet_fact(OutletId::new(add.id, 0))?.shape == out.shape;
+    Ok(fits.then_some((add.id, bias)))
 }
 
 /// An einsum expression with its axis letters renamed in order of appearance, so that two
@@ -418,6 +495,11 @@ mod kernel {
                 let k1 = (k0 + w.depth).min(k);
                 for b in blocks.clone() {
                     let wk = w.pass(k0, k1, b);
+                    // What the first pass starts from: the bias, or zeros.
+                    let start = match &w.bias {
+                        Some(bias) => std::array::from_fn(|l| pulp::cast(bias[b][l])),
+                        None => [zero; LANES],
+                    };
                     let first = b * super::BLOCK - origin;
                     let width = super::BLOCK.min(n - b * super::BLOCK);
                     // The next weights this thread reads, asked into L2 a share per panel while
@@ -448,7 +530,7 @@ mod kernel {
                                 .get(t * k..(t + 1) * k)
                                 .map_or(&ZEROS[..k1 - k0], |row| &row[k0..k1])
                         });
-                        let mut acc = [[zero; LANES]; PANEL];
+                        let mut acc = [start; PANEL];
                         if k0 > 0 {
                             for (a, row) in acc.iter_mut().zip(rows.iter()) {
                                 *a = load(&row[first..first + width]);
@@ -594,16 +676,24 @@ mod tests {
         ] {
             let x = values(tokens * k, 1 + k as u64);
             let w = values(k * n, 2 + n as u64);
-            let packed = PackedWeights::with_depth(&w, k, n, depth);
-            let mut out = vec![f32::NAN; tokens * n];
-            product(&packed, &x, tokens, &mut out).unwrap();
+            let bias = values(n, 3 + n as u64);
             let want = reference(&x, &w, tokens, k, n);
-            for (i, (&got, &want)) in out.iter().zip(&want).enumerate() {
-                let tol = 1e-5 * (k as f64).sqrt().max(1.0);
-                assert!(
-                    (got as f64 - want).abs() <= tol,
-                    "{tokens}x{k}x{n}: output {i} is {got}, want {want}"
-                );
+            // Without a bias, and with one (added to every token's outputs).
+            for with_bias in [false, true] {
+                let mut packed = PackedWeights::with_depth(&w, k, n, depth);
+                if with_bias {
+                    packed = packed.with_bias(&bias);
+                }
+                let mut out = vec![f32::NAN; tokens * n];
+                product(&packed, &x, tokens, &mut out).unwrap();
+                for (i, (&got, &want)) in out.iter().zip(&want).enumerate() {
+                    let want = want + if with_bias { bias[i % n] as f64 } else { 0.0 };
+                    let tol = 1e-5 * (k as f64).sqrt().max(1.0);
+                    assert!(
+                        (got as f64 - want).abs() <= tol,
+                        "{tokens}x{k}x{n}, bias {with_bias}: output {i} is {got}, want {want}"
+                    );
+                }
             }
         }
     }
@@ -715,6 +805,65 @@ mod tests {
                     .unwrap()
                     .into_tensor();
             assert_plans_agree(model, ours, &x, out_shape, expr);
+        }
+    }
+
+    #[test]
+    fn a_bias_added_after_a_product_goes_into_the_kernel_and_other_adds_stay() {
+        let (tokens, k, n) = (11, 40, 56);
+        // (added constant's shape, bias first, folded)
+        let cases: &[(&[usize], bool, bool)] = &[
+            (&[56], false, true),
+            (&[1, 1, 56], false, true),
+            (&[1, 56], true, true),
+            // Per token: not a bias.
+            (&[1, 11, 56], false, false),
+            // Broadcast to one more axis than the product's output has: decluttering moves
+            // the added axis past the add, which is then a bias add.
+            (&[1, 1, 1, 56], false, true),
+        ];
+        for &(shape, first, folded) in cases {
+            let what = format!("bias {shape:?}, first {first}");
+            let mut model = product_model("amk,kn->amn", &[1, tokens, k], k, n);
+            let y = model.output_outlets().unwrap()[0];
+            let len = shape.iter().product();
+            let bias = tract_ndarray::ArrayD::from_shape_vec(shape, values(len, 5))
+                .unwrap()
+                .into_tensor();
+            let b = model.add_const("b", bias).unwrap();
+            let inputs = if first { [b, y] } else { [y, b] };
+            // As tract's ONNX import wires it: unit axes in front of the lower-rank operand.
+            let sum = tract_onnx::tract_core::ops::change_axes::wire_with_rank_broadcast(
+                "add",
+                &mut model,
+                tract_onnx::tract_core::ops::math::add(),
+                &inputs,
+            )
+            .unwrap();
+            model.select_output_outlets(&sum).unwrap();
+            let model = model.into_decluttered().unwrap();
+            let mut ours = model.clone();
+            let taken = take_products_here(&mut ours).unwrap();
+            if kernel::available().is_none() {
+                assert_eq!(taken, 0, "{what}");
+                continue;
+            }
+            assert_eq!(taken, 1, "{what}");
+            let adds = ours
+                .nodes()
+                .iter()
+                .filter(|n| n.op_is::<tract_onnx::tract_core::ops::binary::TypedBinOp>())
+                .count();
+            assert_eq!(adds, !folded as usize, "{what}: adds left");
+            let x = tract_ndarray::Array3::from_shape_vec((1, tokens, k), values(tokens * k, 9))
+                .unwrap()
+                .into_tensor();
+            let out: Vec<usize> = if shape.len() > 3 {
+                vec![1, 1, tokens, n]
+            } else {
+                vec![1, tokens, n]
+            };
+            assert_plans_agree(model, ours, &x, &out, &what);
         }
     }
 
