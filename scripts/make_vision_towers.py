@@ -6,7 +6,8 @@ class token) and followed by the 2-layer GELU projector to a 4096-wide LLM, expo
 as scripts/convert_chatpose.py exports a real one (opset 17, attention and quick-GELU as fused
 com.microsoft nodes, the 4096x4096 projector layer as two column blocks, input [1,3,S,S]
 "pixels", output [tokens, 4096] "image_embeddings", weights in NAME.onnx.data). The weights are
-random (seeded), so the files measure speed and memory, never accuracy.
+random (seeded; biases and layer-norm parameters too, as in a trained checkpoint), so the files
+measure speed and memory, never accuracy.
 
     python scripts/make_vision_towers.py OUT_DIR [--towers vit-b16-224,vit-l14-336]
 
@@ -41,6 +42,15 @@ def export(name: str, out: Path) -> Path:
     tower = CLIPVisionModel(cfg).eval()
     projector = torch.nn.Sequential(torch.nn.Linear(hidden, LLM_WIDTH), torch.nn.GELU(),
                                     torch.nn.Linear(LLM_WIDTH, LLM_WIDTH)).eval()
+    # Like a trained checkpoint, every bias and layer-norm scale and shift is non-trivial:
+    # CLIP's initialisation leaves them at 0 and 1, which a runtime may simply drop, so that
+    # the timing would not show their cost.
+    with torch.no_grad():
+        for m in list(tower.modules()) + list(projector.modules()):
+            if isinstance(m, (torch.nn.Linear, torch.nn.LayerNorm)) and m.bias is not None:
+                m.bias.normal_(0.0, 0.02)
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.normal_(1.0, 0.02)
     n_params = sum(p.numel() for m in (tower, projector) for p in m.parameters())
     path = out / f"{name}.onnx"
     tokens = export_vision(tower, projector, SELECT_LAYER, size, path)
