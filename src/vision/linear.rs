@@ -223,12 +223,13 @@ pub fn product(w: &PackedWeights, x: &[f32], tokens: usize, out: &mut [f32]) -> 
     use rayon::prelude::*;
     let threads = pool.current_num_threads().max(1);
     if panels >= 2 * threads || blocks < 2 {
-        // Tokens split between the threads, whole panels each: each reads every weight (the
+        // Tokens split between the threads, in half panels (197 tokens: 12 panels and a half
+        // each, where whole panels would give one thread 13): each reads every weight (the
         // second reader of a block mostly from the shared cache) and only its own tokens,
         // and writes whole rows. Against splitting the features, which streams each weight
         // once, ViT-B/16 at two threads measured 1.06 against 1.10 times onnxruntime's time
         // (three sets of paired runs, docs/performance.md).
-        let per = panels.div_ceil(threads) * PANEL;
+        let per = tokens.div_ceil(threads).next_multiple_of(PANEL / 2);
         pool.install(|| {
             x.par_chunks(per * k)
                 .zip(out.par_chunks_mut(per * n))
@@ -537,21 +538,20 @@ mod kernel {
                     let mut ahead = next.chunks(share.max(1));
                     for (panel, rows) in x.chunks(PANEL * k).zip(rows.chunks_mut(PANEL)) {
                         let later = ahead.next().unwrap_or(&[]);
-                        // The panel's tokens at this pass's depths, zeros past the last token.
-                        let xs: [&[f32]; PANEL] = std::array::from_fn(|t| {
-                            panel
-                                .get(t * k..(t + 1) * k)
-                                .map_or(&ZEROS[..k1 - k0], |row| &row[k0..k1])
-                        });
-                        let mut acc = [start; PANEL];
-                        if k0 > 0 {
-                            for (a, row) in acc.iter_mut().zip(rows.iter()) {
-                                *a = load(&row[first..first + width]);
-                            }
-                        }
-                        steps(simd, wk, xs, later, &mut acc);
-                        for (a, row) in acc.iter().zip(rows.iter_mut()) {
-                            store(a, &mut row[first..first + width]);
+                        let pass = Pass {
+                            simd,
+                            k: k0..k1,
+                            start,
+                            columns: first..first + width,
+                            w: wk,
+                            later,
+                        };
+                        // A panel of half the tokens or fewer (a short last one) takes half
+                        // the time on half the registers.
+                        if rows.len() > PANEL / 2 {
+                            pass.run::<PANEL>(panel, k, rows);
+                        } else {
+                            pass.run::<{ PANEL / 2 }>(panel, k, rows);
                         }
                     }
                 }
@@ -559,21 +559,60 @@ mod kernel {
         }
     }
 
+    /// One block's pass over one panel.
+    struct Pass<'a> {
+        simd: V4,
+        /// The pass's depths.
+        k: std::ops::Range<usize>,
+        /// What a first pass starts from.
+        start: [f32x16; LANES],
+        /// The block's output columns.
+        columns: std::ops::Range<usize>,
+        /// The block's rows at the pass's depths.
+        w: &'a [Row],
+        /// Weights to ask into L2 meanwhile.
+        later: &'a [Row],
+    }
+
+    impl Pass<'_> {
+        /// The pass for the tokens `panel` (`k` deep each, at most `R`) into `rows`.
+        #[inline(always)]
+        fn run<const R: usize>(&self, panel: &[f32], k: usize, rows: &mut [&mut [f32]]) {
+            let (k0, k1) = (self.k.start, self.k.end);
+            // The panel's tokens at this pass's depths, zeros past the last token.
+            let xs: [&[f32]; R] = std::array::from_fn(|t| {
+                panel
+                    .get(t * k..(t + 1) * k)
+                    .map_or(&ZEROS[..k1 - k0], |row| &row[k0..k1])
+            });
+            let mut acc = [self.start; R];
+            if k0 > 0 {
+                for (a, row) in acc.iter_mut().zip(rows.iter()) {
+                    *a = load(&row[self.columns.clone()]);
+                }
+            }
+            steps(self.simd, self.w, xs, self.later, &mut acc);
+            for (a, row) in acc.iter().zip(rows.iter_mut()) {
+                store(a, &mut row[self.columns.clone()]);
+            }
+        }
+    }
+
     /// `acc[t] += Σ_d x[t][d] · w[d]` over the pass's depths, asking for the rows `later`
     /// into L2 spread over them.
     #[inline(always)]
-    fn steps(
+    fn steps<const R: usize>(
         simd: V4,
         w: &[Row],
-        x: [&[f32]; PANEL],
+        x: [&[f32]; R],
         later: &[Row],
-        acc: &mut [[f32x16; LANES]; PANEL],
+        acc: &mut [[f32x16; LANES]; R],
     ) {
         let depth = w.len();
         let every = (depth / later.len().max(1)).max(1);
         let mut later = later.iter();
         let mut countdown = 1;
-        let x: [&[f32]; PANEL] = std::array::from_fn(|t| &x[t][..depth]);
+        let x: [&[f32]; R] = std::array::from_fn(|t| &x[t][..depth]);
         let mut a = *acc;
         for (d, wd) in w.iter().enumerate() {
             // Hints: they never fault, whatever the address (past the end included).
@@ -592,7 +631,7 @@ mod kernel {
                 }
             }
             let wv: [f32x16; LANES] = std::array::from_fn(|l| pulp::cast(wd[l]));
-            for t in 0..PANEL {
+            for t in 0..R {
                 let b = simd.splat_f32x16(x[t][d]);
                 for l in 0..LANES {
                     a[t][l] = simd.mul_add_f32x16(wv[l], b, a[t][l]);
