@@ -6,11 +6,14 @@
 //! packed once, at load, into blocks of [`BLOCK`] output features, and each block is multiplied
 //! by every group of [`PANEL`] tokens in turn while its weights are still in the core's cache:
 //! 8 × 48 outputs in 24 vector registers, 3 weight loads and 8 broadcasts per step of the depth,
-//! the activations read in place, the next block's weights asked for ahead. Products deeper
-//! than [`DEPTH`] run in passes of that depth.
+//! the activations read in place, the block's own weights asked into L1 a few steps ahead and
+//! the next block's into L2 a row at a time. Products deeper than [`DEPTH`] run in passes of
+//! that depth; the threads share a product's tokens. A bias add after the product is folded in:
+//! the first pass starts from the bias instead of zeros.
 //!
 //! [`take_products`] replaces tract's product where the kernel applies (a CPU with AVX-512 and
-//! two FMA ports, an f32 `x[…, t, k] · W[k, n]` with W constant); everything else keeps tract's.
+//! two FMA ports, an f32 `x[…, t, k] · W[k, n]` with W constant, and the constant bias add that
+//! follows it, if any); everything else keeps tract's.
 //! The kernel is written with pulp's safe wrappers of the AVX-512 intrinsics, which its `V4`
 //! token unlocks once the CPU is checked.
 
