@@ -38,6 +38,7 @@ const DEPTH: usize = 1024;
 /// step or two ahead of a loop that needs three fresh cache lines every step. 16–24 measured
 /// alike, 0 (none) about 7 % slower over the tower's product shapes on one thread, and ViT-B/16
 /// at two threads went from 1.16 to 1.07 × onnxruntime's time (docs/performance.md).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const PREFETCH: usize = 20;
 
 /// Multiply-adds below which a product runs on the calling thread.
