@@ -465,9 +465,9 @@ mod kernel {
         available().is_some() && tract_linalg::x86_64::fma_width::has_dual_avx512_fma()
     }
 
-    /// The rows of `out` (`xp.len() / k` panels' worth) from the packed panels `xp`.
-    /// Feature blocks `blocks` of every row: `rows[t]` holds token `t`'s outputs from the
-    /// first of those blocks on.
+    /// The outputs in feature blocks `blocks` of the tokens `x` (row-major, `k` deep each,
+    /// read in place), a panel of tokens at a time: `rows[t]` holds token `t`'s outputs from
+    /// the first of those blocks on.
     pub fn run(
         simd: V4,
         w: &PackedWeights,
