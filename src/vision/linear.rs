@@ -8,7 +8,8 @@
 //! 8 × 48 outputs in 24 vector registers, 3 weight loads and 8 broadcasts per step of the depth,
 //! the activations read in place, the block's own weights asked into L1 a few steps ahead and
 //! the next block's into L2 a row at a time. Products deeper than [`DEPTH`] run in passes of
-//! that depth; the threads share a product's tokens. A bias add after the product is folded in:
+//! that depth; the threads claim a product's work in units (a group of feature blocks for one
+//! thread's share of the tokens) as they go. A bias add after the product is folded in:
 //! the first pass starts from the bias instead of zeros.
 //!
 //! [`take_products`] replaces tract's product where the kernel applies (a CPU with AVX-512 and
@@ -207,7 +208,7 @@ pub fn product(w: &PackedWeights, x: &[f32], tokens: usize, out: &mut [f32]) -> 
     let simd = kernel::available().context("the product kernel needs AVX-512")?;
     let (k, n) = (w.k, w.n);
     let blocks = n.div_ceil(BLOCK);
-    if n == 0 {
+    if n == 0 || tokens == 0 {
         return Ok(());
     }
     let panels = tokens.div_ceil(PANEL);
@@ -221,49 +222,88 @@ pub fn product(w: &PackedWeights, x: &[f32], tokens: usize, out: &mut [f32]) -> 
     };
     let Some(pool) = pool else {
         let mut rows: Vec<&mut [f32]> = out.chunks_exact_mut(n).collect();
-        kernel::run(simd, w, x, 0..blocks, &mut rows);
+        kernel::run(simd, w, x, 0..blocks, &mut rows, None);
         return Ok(());
     };
-    use rayon::prelude::*;
     let threads = pool.current_num_threads().max(1);
-    if panels >= 2 * threads || blocks < 2 {
-        // Tokens split between the threads, in half panels (197 tokens: 12 panels and a half
-        // each, where whole panels would give one thread 13): each reads every weight (the
-        // second reader of a block mostly from the shared cache) and only its own tokens,
-        // and writes whole rows. Against splitting the features, which streams each weight
-        // once, ViT-B/16 at two threads measured 1.06 against 1.10 times onnxruntime's time
-        // (three sets of paired runs, docs/performance.md).
-        let per = tokens.div_ceil(threads).next_multiple_of(PANEL / 2);
-        pool.install(|| {
-            x.par_chunks(per * k)
-                .zip(out.par_chunks_mut(per * n))
-                .for_each(|(x, out)| {
-                    let mut rows: Vec<&mut [f32]> = out.chunks_exact_mut(n).collect();
-                    kernel::run(simd, w, x, 0..blocks, &mut rows);
-                })
-        });
-        return Ok(());
-    }
-    // Too few tokens to go round: the feature blocks split evenly between the threads
-    // instead, each writing its own columns of every row.
-    let threads = threads.min(blocks);
-    let per = blocks.div_ceil(threads);
-    let mut parts: Vec<Vec<&mut [f32]>> = (0..threads).map(|_| Vec::new()).collect();
-    for row in out.chunks_exact_mut(n) {
-        let mut rest = row;
-        for part in parts.iter_mut() {
-            let (mine, more) = rest.split_at_mut((per * BLOCK).min(rest.len()));
-            part.push(mine);
-            rest = more;
+    // The tokens in one share per thread where there are enough of them (197 tokens: 12 panels
+    // and a half each, where whole panels would give one thread 13) or only one block of
+    // features to share, else in one: each share
+    // reads every weight (the second reader of a block mostly from the shared cache) and only
+    // its own tokens. Against splitting the features, which streams each weight once, ViT-B/16
+    // at two threads measured 1.06 against 1.10 times onnxruntime's time (docs/performance.md).
+    let per = if panels >= 2 * threads || blocks < 2 {
+        tokens.div_ceil(threads).next_multiple_of(PANEL / 2)
+    } else {
+        tokens
+    };
+    let shares = tokens.div_ceil(per);
+    // Each share's feature blocks in groups that the threads claim one at a time: a thread
+    // starts on its own share and then helps with the others', so that a core running slower
+    // than the other does not leave it waiting at the end of every product. On this shared
+    // machine one core ran the kernel 35-45 % slower than the other for a whole process (a
+    // busy neighbour, presumably), and with one share per thread fixed in advance the faster
+    // one waited a third of the products' time; onnxruntime's products cut their work finer
+    // than the threads for the same reason.
+    let group = blocks.div_ceil(UNITS_PER_THREAD * threads / shares).max(1);
+    let groups = blocks.div_ceil(group);
+    let mut units: Vec<Vec<std::sync::Mutex<Option<Unit>>>> = Vec::with_capacity(shares);
+    for (x, out) in x.chunks(per * k).zip(out.chunks_mut(per * n)) {
+        let mut rows: Vec<Vec<&mut [f32]>> = (0..groups).map(|_| Vec::new()).collect();
+        for row in out.chunks_exact_mut(n) {
+            for (g, columns) in row.chunks_mut(group * BLOCK).enumerate() {
+                rows[g].push(columns);
+            }
         }
+        units.push(
+            rows.into_iter()
+                .enumerate()
+                .map(|(g, rows)| {
+                    let blocks = g * group..((g + 1) * group).min(blocks);
+                    std::sync::Mutex::new(Some(Unit { x, blocks, rows }))
+                })
+                .collect(),
+        );
     }
-    pool.install(|| {
-        parts.par_iter_mut().enumerate().for_each(|(i, rows)| {
-            let range = (i * per).min(blocks)..((i + 1) * per).min(blocks);
-            kernel::run(simd, w, x, range, rows)
-        })
-    });
+    let claimed: Vec<std::sync::atomic::AtomicUsize> =
+        (0..shares).map(|_| Default::default()).collect();
+    let work = |first: usize| {
+        for share in (0..shares).map(|i| (first + i) % shares) {
+            loop {
+                let g = claimed[share].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(slot) = units[share].get(g) else {
+                    break;
+                };
+                let taken = slot
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take();
+                if let Some(mut unit) = taken {
+                    // The next group's weights are likely this thread's next: asked for ahead.
+                    let then = Some(unit.blocks.end).filter(|&b| b < blocks);
+                    kernel::run(simd, w, unit.x, unit.blocks, &mut unit.rows, then);
+                }
+            }
+        }
+    };
+    use rayon::prelude::*;
+    pool.install(|| (0..threads).into_par_iter().for_each(|t| work(t % shares)));
     Ok(())
+}
+
+/// Units of work per thread in a product (groups of feature blocks times shares of tokens, a
+/// group at least one block). ViT-B/16 at two threads, paired runs against onnxruntime: 4, 8,
+/// 16, 32, 64 units gave 1.01-1.08, 1.06-1.08, 1.01-1.02, 1.04, 1.04 (fixed shares: 1.07-1.11).
+const UNITS_PER_THREAD: usize = 16;
+
+/// One unit of a product's work: a group of feature blocks for a share of the tokens.
+struct Unit<'x, 'o> {
+    /// The share's tokens.
+    x: &'x [f32],
+    /// The group's blocks.
+    blocks: std::ops::Range<usize>,
+    /// Each of the share's tokens' outputs in those blocks.
+    rows: Vec<&'o mut [f32]>,
 }
 
 /// Replace each f32 product of activations by a constant `[k, n]` matrix (`…k,kn->…n`) with
@@ -474,6 +514,7 @@ mod kernel {
         x: &[f32],
         blocks: std::ops::Range<usize>,
         rows: &mut [&mut [f32]],
+        then: Option<usize>,
     ) {
         simd.vectorize(Passes {
             simd,
@@ -481,6 +522,7 @@ mod kernel {
             x,
             blocks,
             rows,
+            then,
         });
     }
 
@@ -494,6 +536,8 @@ mod kernel {
         x: &'a [f32],
         blocks: std::ops::Range<usize>,
         rows: &'a mut [&'r mut [f32]],
+        /// The block likely to be run after these, whose first weights are asked for ahead.
+        then: Option<usize>,
     }
 
     impl pulp::NullaryFnOnce for Passes<'_, '_> {
@@ -508,6 +552,7 @@ mod kernel {
                 x,
                 blocks,
                 rows,
+                then,
             } = self;
             let (k, n) = (w.k, w.n);
             if k == 0 || blocks.is_empty() {
@@ -534,6 +579,8 @@ mod kernel {
                         w.pass(k0, k1, b + 1)
                     } else if k1 < k {
                         w.pass(k1, (k1 + w.depth).min(k), blocks.start)
+                    } else if let Some(then) = then {
+                        w.pass(0, w.depth.min(k), then)
                     } else {
                         &[]
                     };
@@ -691,6 +738,7 @@ mod kernel {
         _: &[f32],
         _: std::ops::Range<usize>,
         _: &mut [&mut [f32]],
+        _: Option<usize>,
     ) {
         match simd {}
     }
@@ -773,14 +821,23 @@ mod tests {
     }
 
     #[test]
-    fn the_threads_share_a_product_by_tokens_or_by_features_and_agree() {
+    fn the_threads_share_a_product_in_units_and_agree() {
         if kernel::available().is_none() {
             return;
         }
         use tract_linalg::multithread::{multithread_tract_scope, Executor};
-        // (tokens, k, n): many panels (split by tokens, the last share short), and one panel
-        // of tokens (split by feature blocks); each above the work that goes to the threads.
-        for &(tokens, k, n) in &[(197, 64, 200), (61, 300, 130), (5, 700, 700)] {
+        // (tokens, k, n): many panels (a share of tokens per thread, the last one short), one
+        // panel (one share), groups of several blocks with a short last one, and products in
+        // several passes; each above the work that goes to the threads. Outputs start as NaN:
+        // a unit no thread ran shows.
+        for &(tokens, k, n) in &[
+            (197, 64, 200),
+            (61, 300, 130),
+            (5, 700, 700),
+            (40, 64, 1781),
+            (64, 1500, 500),
+            (20, 2100, 300),
+        ] {
             assert!(tokens * k * n >= MIN_PARALLEL_WORK);
             let x = values(tokens * k, 11);
             let w = values(k * n, 12);
@@ -796,7 +853,7 @@ mod tests {
                 for (i, (&got, &want)) in out.iter().zip(&want).enumerate() {
                     let want = want + bias[i % n] as f64;
                     assert!(
-                        (got as f64 - want).abs() <= 1e-4,
+                        (got as f64 - want).abs() <= 1e-5 * (k as f64).sqrt(),
                         "{tokens}x{k}x{n} on {threads} threads: output {i} is {got}, want {want}"
                     );
                 }
