@@ -9,12 +9,13 @@
 //! the activations read in place, the block's own weights asked into L1 a few steps ahead and
 //! the next block's into L2 a row at a time. Products deeper than [`DEPTH`] run in passes of
 //! that depth; the threads claim a product's work in units (a group of feature blocks for one
-//! thread's share of the tokens) as they go. A bias add after the product is folded in:
-//! the first pass starts from the bias instead of zeros.
+//! thread's share of the tokens) as they go. A bias add after the product is folded in (the
+//! first pass starts from the bias instead of zeros), and so is a quick-GELU after that (the
+//! last pass gates its outputs in registers before it stores them).
 //!
 //! [`take_products`] replaces tract's product where the kernel applies (a CPU with AVX-512 and
-//! two FMA ports, an f32 `x[…, t, k] · W[k, n]` with W constant, and the constant bias add that
-//! follows it, if any); everything else keeps tract's.
+//! two FMA ports, an f32 `x[…, t, k] · W[k, n]` with W constant, and the constant bias add and
+//! the quick-GELU that follow it, if any); everything else keeps tract's.
 //! The kernel is written with pulp's safe wrappers of the AVX-512 intrinsics, which its `V4`
 //! token unlocks once the CPU is checked.
 
@@ -63,6 +64,8 @@ pub struct PackedWeights {
     rows: Vec<Row>,
     /// A bias `[n]` the products start from, block by block (zeros past `n`).
     bias: Option<Vec<Row>>,
+    /// The quick-GELU `x · σ(alpha · x)` the last pass applies before it stores, with its alpha.
+    gate: Option<f32>,
 }
 
 impl PackedWeights {
@@ -95,6 +98,7 @@ impl PackedWeights {
             depth,
             rows,
             bias: None,
+            gate: None,
         }
     }
 
@@ -110,6 +114,12 @@ impl PackedWeights {
             })
             .collect();
         self.bias = Some(rows);
+        self
+    }
+
+    /// The same, each output then gated by the quick-GELU `x · σ(alpha · x)`.
+    pub fn with_gate(mut self, alpha: f32) -> Self {
+        self.gate = Some(alpha);
         self
     }
 
@@ -320,7 +330,7 @@ fn take_products_here(model: &mut TypedModel) -> TractResult<usize> {
     if kernel::available().is_none() {
         return Ok(0);
     }
-    let (mut taken, mut biases) = (0, 0);
+    let (mut taken, mut biases, mut gates) = (0, 0, 0);
     // Node ids change when the model is compacted after each replacement: look again each time.
     while let Some(Found {
         id,
@@ -343,6 +353,12 @@ fn take_products_here(model: &mut TypedModel) -> TractResult<usize> {
             last = add;
             biases += 1;
         }
+        // So does a quick-GELU that is the only reader of what comes out, into its last pass.
+        if let Some((gelu, alpha)) = gate_after(model, last)? {
+            packed = packed.with_gate(alpha);
+            last = gelu;
+            gates += 1;
+        }
         let op = Linear {
             weights: Arc::new(packed),
             front,
@@ -361,7 +377,10 @@ fn take_products_here(model: &mut TypedModel) -> TractResult<usize> {
         taken += 1;
     }
     if taken > 0 {
-        log::debug!("{taken} products on this project's kernel, {biases} with their bias add");
+        log::debug!(
+            "{taken} products on this project's kernel, {biases} with their bias add, {gates} \
+             with their quick-GELU"
+        );
     }
     Ok(taken)
 }
@@ -467,6 +486,23 @@ fn bias_after(
         && shape.len() <= out.rank()
         && model.outlet_fact(OutletId::new(add.id, 0))?.shape == out.shape;
     Ok(fits.then_some((add.id, bias)))
+}
+
+/// The quick-GELU node that is the only reader of node `id`'s output (not itself a model
+/// output), and its alpha.
+fn gate_after(model: &TypedModel, id: usize) -> TractResult<Option<(usize, f32)>> {
+    let outlet = OutletId::new(id, 0);
+    let [reader] = model.node(id).outputs[0].successors[..] else {
+        return Ok(None);
+    };
+    if model.output_outlets()?.contains(&outlet) {
+        return Ok(None);
+    }
+    let node = model.node(reader.node);
+    Ok(node
+        .op_as::<crate::vision::ops::QuickGelu>()
+        .filter(|gelu| gelu.pack.is_none())
+        .map(|gelu| (node.id, gelu.alpha)))
 }
 
 /// An einsum expression with its axis letters renamed in order of appearance, so that two
@@ -596,6 +632,7 @@ mod kernel {
                             columns: first..first + width,
                             w: wk,
                             later,
+                            gate: w.gate.filter(|_| k1 == k),
                         };
                         // A panel of half the tokens or fewer (a short last one) takes half
                         // the time on half the registers.
@@ -623,6 +660,8 @@ mod kernel {
         w: &'a [Row],
         /// Weights to ask into L2 meanwhile.
         later: &'a [Row],
+        /// The quick-GELU's alpha, on the last pass of a gated product.
+        gate: Option<f32>,
     }
 
     impl Pass<'_> {
@@ -643,6 +682,11 @@ mod kernel {
                 }
             }
             steps(self.simd, self.w, xs, self.later, &mut acc);
+            if let Some(alpha) = self.gate {
+                for a in acc.iter_mut().flatten() {
+                    *a = quick_gelu(self.simd, *a, alpha);
+                }
+            }
             for (a, row) in acc.iter().zip(rows.iter_mut()) {
                 store(a, &mut row[self.columns.clone()]);
             }
@@ -690,6 +734,31 @@ mod kernel {
             }
         }
         *acc = a;
+    }
+
+    /// `x · σ(alpha · x) = x / (1 + e^t)`, `t = −alpha · x`, with `e^t = 2^m · e^f` for
+    /// `m = round(t / ln 2)` and `|f| ≤ ln 2 / 2`, `e^f` by its series to the 6th power
+    /// (relative error under 2e-7 there); `t` is clamped to ±88, past which the gate is 0 or 1
+    /// in f32 anyway.
+    #[inline(always)]
+    fn quick_gelu(simd: V4, x: f32x16, alpha: f32) -> f32x16 {
+        let c = |v: f32| simd.splat_f32x16(v);
+        let t = simd.mul_f32x16(x, c(-alpha));
+        let t = simd.min_f32x16(simd.max_f32x16(t, c(-88.0)), c(88.0));
+        // Rounded to the nearest integer by adding and taking off 1.5 · 2^23 (|t / ln 2| < 128).
+        let shift = c(12_582_912.0);
+        let m = simd.mul_add_f32x16(t, c(std::f32::consts::LOG2_E), shift);
+        let m = simd.sub_f32x16(m, shift);
+        // ln 2 in two parts, the first (355 / 512) exact in 9 bits, so that m times it is taken
+        // off exactly.
+        let f = simd.negate_mul_add_f32x16(m, c(355.0 / 512.0), t);
+        let f = simd.negate_mul_add_f32x16(m, c(-2.121_944_4e-4), f);
+        let mut p = c(1.0 / 720.0);
+        for coefficient in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = simd.mul_add_f32x16(p, f, c(coefficient));
+        }
+        let e: f32x16 = pulp::cast(simd.avx512f._mm512_scalef_ps(pulp::cast(p), pulp::cast(m)));
+        simd.div_f32x16(x, simd.add_f32x16(c(1.0), e))
     }
 
     /// One row's `BLOCK` (or fewer, zero-filled) outputs as registers.
@@ -800,22 +869,62 @@ mod tests {
             let w = values(k * n, 2 + n as u64);
             let bias = values(n, 3 + n as u64);
             let want = reference(&x, &w, tokens, k, n);
-            // Without a bias, and with one (added to every token's outputs).
-            for with_bias in [false, true] {
+            // Without a bias, and with one (added to every token's outputs); without a gate,
+            // and with a quick-GELU.
+            for (with_bias, gated) in [(false, false), (true, false), (false, true), (true, true)] {
                 let mut packed = PackedWeights::with_depth(&w, k, n, depth);
                 if with_bias {
                     packed = packed.with_bias(&bias);
                 }
+                if gated {
+                    packed = packed.with_gate(1.702);
+                }
                 let mut out = vec![f32::NAN; tokens * n];
                 product(&packed, &x, tokens, &mut out).unwrap();
                 for (i, (&got, &want)) in out.iter().zip(&want).enumerate() {
-                    let want = want + if with_bias { bias[i % n] as f64 } else { 0.0 };
+                    let mut want = want + if with_bias { bias[i % n] as f64 } else { 0.0 };
+                    if gated {
+                        want = quick_gelu(want, 1.702);
+                    }
                     let tol = 1e-5 * (k as f64).sqrt().max(1.0);
                     assert!(
                         (got as f64 - want).abs() <= tol,
-                        "{tokens}x{k}x{n}, bias {with_bias}: output {i} is {got}, want {want}"
+                        "{tokens}x{k}x{n}, bias {with_bias}, gate {gated}: output {i} is {got}, \
+                         want {want}"
                     );
                 }
+            }
+        }
+    }
+
+    fn quick_gelu(x: f64, alpha: f64) -> f64 {
+        x / (1.0 + (-alpha * x).exp())
+    }
+
+    #[test]
+    fn the_gate_matches_the_quick_gelu_from_far_below_to_far_above_zero() {
+        if kernel::available().is_none() {
+            return;
+        }
+        // One depth step of weight 1: each output is its token's value, gated.
+        let x: Vec<f32> = vec![
+            -1000.0, -200.0, -60.0, -51.8, -20.0, -5.0, -1.0, -0.3, -1e-3, -1e-30, 0.0, 1e-30,
+            1e-3, 0.3, 1.0, 5.0, 20.0, 51.8, 60.0, 200.0, 1000.0, 3e38,
+        ];
+        let w = vec![1.0; 3];
+        for alpha in [1.702f32, 1.0, 0.5] {
+            let packed = PackedWeights::new(&w, 1, 3).with_gate(alpha);
+            let mut out = vec![f32::NAN; x.len() * 3];
+            product(&packed, &x, x.len(), &mut out).unwrap();
+            for (i, &got) in out.iter().enumerate() {
+                let v = x[i / 3] as f64;
+                let want = quick_gelu(v, alpha as f64);
+                // f32's own rounding of alpha · x moves e^(-alpha · x) by that much relatively.
+                let rel = 1.2e-7 * ((alpha as f64 * v).abs().min(88.0) + 2.0);
+                assert!(
+                    (got as f64 - want).abs() <= rel * want.abs() + 1e-30,
+                    "alpha {alpha}: gate of {v} is {got}, want {want}"
+                );
             }
         }
     }
@@ -1027,6 +1136,53 @@ mod tests {
                 vec![1, tokens, n]
             };
             assert_plans_agree(model, ours, &x, &out, &what);
+        }
+    }
+
+    #[test]
+    fn a_quick_gelu_reading_only_a_product_goes_into_the_kernel_and_others_stay() {
+        let (tokens, k, n) = (11, 40, 56);
+        // (with a bias add between, the product also a model output)
+        for &(with_bias, shared) in &[(false, false), (true, false), (false, true)] {
+            let what = format!("bias {with_bias}, product also an output {shared}");
+            let mut model = product_model("amk,kn->amn", &[1, tokens, k], k, n);
+            let mut y = model.output_outlets().unwrap()[0];
+            if with_bias {
+                let bias = tract_ndarray::Array1::from_vec(values(n, 5)).into_tensor();
+                let b = model.add_const("b", bias).unwrap();
+                y = tract_onnx::tract_core::ops::change_axes::wire_with_rank_broadcast(
+                    "add",
+                    &mut model,
+                    tract_onnx::tract_core::ops::math::add(),
+                    &[y, b],
+                )
+                .unwrap()[0];
+            }
+            let gate = crate::vision::ops::QuickGelu {
+                alpha: 1.702,
+                pack: None,
+            };
+            let gated = model.wire_node("gelu", gate, &[y]).unwrap()[0];
+            let outputs = if shared { vec![gated, y] } else { vec![gated] };
+            model.select_output_outlets(&outputs).unwrap();
+            let model = model.into_decluttered().unwrap();
+            let mut ours = model.clone();
+            let taken = take_products_here(&mut ours).unwrap();
+            if kernel::available().is_none() {
+                assert_eq!(taken, 0, "{what}");
+                continue;
+            }
+            assert_eq!(taken, 1, "{what}");
+            let gelus = ours
+                .nodes()
+                .iter()
+                .filter(|n| n.op_is::<crate::vision::ops::QuickGelu>())
+                .count();
+            assert_eq!(gelus, shared as usize, "{what}: quick-GELUs left");
+            let x = tract_ndarray::Array3::from_shape_vec((1, tokens, k), values(tokens * k, 9))
+                .unwrap()
+                .into_tensor();
+            assert_plans_agree(model, ours, &x, &[1, tokens, n], &what);
         }
     }
 
