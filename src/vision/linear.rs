@@ -1080,6 +1080,24 @@ mod tests {
         }
     }
 
+    /// `model` decluttered, and a copy with its one product taken: both, and how many `O`
+    /// operators the copy has left; `None` where the CPU has no kernel (nothing is taken).
+    fn take_the_product<O: Op>(
+        model: TypedModel,
+        what: &str,
+    ) -> Option<(TypedModel, TypedModel, usize)> {
+        let model = model.into_decluttered().unwrap();
+        let mut ours = model.clone();
+        let taken = take_products_here(&mut ours).unwrap();
+        if kernel::available().is_none() {
+            assert_eq!(taken, 0, "{what}");
+            return None;
+        }
+        assert_eq!(taken, 1, "{what}");
+        let left = ours.nodes().iter().filter(|n| n.op_is::<O>()).count();
+        Some((model, ours, left))
+    }
+
     #[test]
     fn a_bias_added_after_a_product_goes_into_the_kernel_and_other_adds_stay() {
         let (tokens, k, n) = (11, 40, 56);
@@ -1113,19 +1131,10 @@ mod tests {
             )
             .unwrap();
             model.select_output_outlets(&sum).unwrap();
-            let model = model.into_decluttered().unwrap();
-            let mut ours = model.clone();
-            let taken = take_products_here(&mut ours).unwrap();
-            if kernel::available().is_none() {
-                assert_eq!(taken, 0, "{what}");
+            type Add = tract_onnx::tract_core::ops::binary::TypedBinOp;
+            let Some((model, ours, adds)) = take_the_product::<Add>(model, &what) else {
                 continue;
-            }
-            assert_eq!(taken, 1, "{what}");
-            let adds = ours
-                .nodes()
-                .iter()
-                .filter(|n| n.op_is::<tract_onnx::tract_core::ops::binary::TypedBinOp>())
-                .count();
+            };
             assert_eq!(adds, !folded as usize, "{what}: adds left");
             let x = tract_ndarray::Array3::from_shape_vec((1, tokens, k), values(tokens * k, 9))
                 .unwrap()
@@ -1165,19 +1174,10 @@ mod tests {
             let gated = model.wire_node("gelu", gate, &[y]).unwrap()[0];
             let outputs = if shared { vec![gated, y] } else { vec![gated] };
             model.select_output_outlets(&outputs).unwrap();
-            let model = model.into_decluttered().unwrap();
-            let mut ours = model.clone();
-            let taken = take_products_here(&mut ours).unwrap();
-            if kernel::available().is_none() {
-                assert_eq!(taken, 0, "{what}");
+            type Gate = crate::vision::ops::QuickGelu;
+            let Some((model, ours, gelus)) = take_the_product::<Gate>(model, &what) else {
                 continue;
-            }
-            assert_eq!(taken, 1, "{what}");
-            let gelus = ours
-                .nodes()
-                .iter()
-                .filter(|n| n.op_is::<crate::vision::ops::QuickGelu>())
-                .count();
+            };
             assert_eq!(gelus, shared as usize, "{what}: quick-GELUs left");
             let x = tract_ndarray::Array3::from_shape_vec((1, tokens, k), values(tokens * k, 9))
                 .unwrap()
