@@ -138,11 +138,16 @@ pub struct Linear {
     /// Unit axes the output has in front of the input's (1 for `mk,kn->amn`), or, negative,
     /// leading unit axes of the input it drops (-1 for `amk,kn->mn`).
     pub front: isize,
+    /// The tokens `start..end` of its input it reads, where it reads only those (a slice of
+    /// the input folded in; the input's axes before the tokens are all 1).
+    pub tokens: Option<(usize, usize)>,
 }
 
 impl PartialEq for Linear {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.weights, &other.weights) && self.front == other.front
+        Arc::ptr_eq(&self.weights, &other.weights)
+            && self.front == other.front
+            && self.tokens == other.tokens
     }
 }
 
@@ -163,6 +168,11 @@ impl Linear {
             "input depth {last} against weights of depth {k}"
         );
         *last = n;
+        if let Some((start, end)) = self.tokens {
+            let rank = shape.len();
+            ensure!(rank >= 2, "a slice of tokens of a rank-1 input");
+            shape[rank - 2] = D::from(end - start);
+        }
         Ok(shape)
     }
 }
@@ -183,7 +193,9 @@ impl TypedOp for Linear {
     }
 
     fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
-        let tokens: TDim = inputs[0].shape.iter().rev().skip(1).product();
+        let w = &*self.weights;
+        let shape = self.output_shape(&inputs[0].shape, w.k.to_dim(), w.n.to_dim())?;
+        let tokens: TDim = shape.iter().rev().skip(1).product();
         Ok(tvec!((
             Cost::FMA(f32::datum_type()),
             tokens * (self.weights.k * self.weights.n)
@@ -202,7 +214,12 @@ impl EvalOp for Linear {
         let shape = self.output_shape(x.shape(), w.k, w.n)?;
         let tokens = shape.iter().rev().skip(1).product();
         let view = x.to_plain_array_view::<f32>()?;
-        let x = view.as_slice().context("tensors are contiguous")?;
+        let mut x = view.as_slice().context("tensors are contiguous")?;
+        if let Some((start, end)) = self.tokens {
+            x = x
+                .get(start * w.k..end * w.k)
+                .with_context(|| format!("tokens {start}..{end} of {}", x.len() / w.k.max(1)))?;
+        }
         // Made as a tensor and written in place (an array converted afterwards is copied).
         let mut out = Tensor::zero::<f32>(&shape)?;
         let mut view = out.to_plain_array_view_mut::<f32>()?;
@@ -362,6 +379,7 @@ fn take_products_here(model: &mut TypedModel) -> TractResult<usize> {
         let op = Linear {
             weights: Arc::new(packed),
             front,
+            tokens: None,
         };
         let name = model.node(id).name.clone();
         let mut patch = TypedModelPatch::default();
@@ -376,13 +394,86 @@ fn take_products_here(model: &mut TypedModel) -> TractResult<usize> {
         model.compact()?;
         taken += 1;
     }
+    let slices = take_slices(model)?;
     if taken > 0 {
         log::debug!(
             "{taken} products on this project's kernel, {biases} with their bias add, {gates} \
-             with their quick-GELU"
+             with their quick-GELU, {slices} reading a slice of tokens in place"
         );
     }
     Ok(taken)
+}
+
+/// Let each [`Linear`] whose input is a slice of tokens that nothing else reads read those
+/// tokens in place (tract moves the class token's removal from a tower's last layer up into
+/// it, where it copies the 3072-wide activations). Returns how many.
+fn take_slices(model: &mut TypedModel) -> TractResult<usize> {
+    let mut taken = 0;
+    while let Some(SliceRead { id, from, tokens }) = next_slice(model)? {
+        let Some(linear) = model.node(id).op_as::<Linear>() else {
+            break;
+        };
+        let op = Linear {
+            tokens: Some(tokens),
+            ..linear.clone()
+        };
+        let name = model.node(id).name.clone();
+        let mut patch = TypedModelPatch::default();
+        let input = patch.tap_model(model, from)?;
+        let out = patch.wire_node(&name, op, &[input])?[0];
+        patch.shunt_outside(model, OutletId::new(id, 0), out)?;
+        patch.apply(model)?;
+        model.compact()?;
+        taken += 1;
+    }
+    Ok(taken)
+}
+
+/// A [`Linear`] reading all of a slice of tokens that it alone reads.
+struct SliceRead {
+    /// The [`Linear`]'s node.
+    id: usize,
+    /// The slice's input.
+    from: OutletId,
+    /// The slice's tokens.
+    tokens: (usize, usize),
+}
+
+/// The first [`SliceRead`] of `model`.
+fn next_slice(model: &TypedModel) -> TractResult<Option<SliceRead>> {
+    use tract_onnx::tract_core::ops::array::Slice;
+    for node in model.nodes() {
+        let Some(linear) = node.op_as::<Linear>() else {
+            continue;
+        };
+        let input = node.inputs[0];
+        let sliced = model.node(input.node);
+        let Some(slice) = sliced.op_as::<Slice>() else {
+            continue;
+        };
+        let from = sliced.inputs[0];
+        let shape = &model.outlet_fact(from)?.shape;
+        let (Ok(start), Ok(end)) = (slice.start.to_usize(), slice.end.to_usize()) else {
+            continue;
+        };
+        let alone =
+            sliced.outputs[0].successors.len() == 1 && !model.output_outlets()?.contains(&input);
+        let leading_units = shape.iter().take(slice.axis).all(|d| *d == 1.to_dim());
+        if linear.tokens.is_none()
+            && alone
+            && shape.rank() >= 2
+            && slice.axis == shape.rank() - 2
+            && leading_units
+            && start <= end
+        {
+            return Ok(Some(SliceRead {
+                id: node.id,
+                from,
+                tokens: (start, end),
+            }));
+        }
+    }
+    Ok(None)
 }
 
 /// A product [`take_products`] can replace.
@@ -1183,6 +1274,52 @@ mod tests {
                 .unwrap()
                 .into_tensor();
             assert_plans_agree(model, ours, &x, &[1, tokens, n], &what);
+        }
+    }
+
+    #[test]
+    fn a_product_of_a_slice_of_tokens_reads_them_in_place_and_other_slices_stay() {
+        use tract_onnx::tract_core::ops::array::Slice;
+        let (tokens, k, n) = (9, 40, 56);
+        // (sliced axis, range, the slice also an output, folded)
+        let cases: &[(usize, (usize, usize), bool, bool)] = &[
+            (1, (1, 9), false, true),
+            (1, (2, 7), false, true),
+            (1, (1, 9), true, false),
+            // The features: the product's depth would change, not a slice of tokens.
+            (2, (0, 20), false, false),
+        ];
+        for &(axis, (start, end), shared, folded) in cases {
+            let what = format!("axis {axis}, {start}..{end}, slice also an output {shared}");
+            let depth = if axis == 2 { end - start } else { k };
+            let mut model = TypedModel::default();
+            let x = model.add_source("x", f32::fact([1, tokens, k])).unwrap();
+            let sliced = model
+                .wire_node("slice", Slice::new(axis, start, end), &[x])
+                .unwrap()[0];
+            let w = tract_ndarray::Array2::from_shape_vec((depth, n), values(depth * n, 7))
+                .unwrap()
+                .into_tensor();
+            let w = model.add_const("w", w).unwrap();
+            let axes: AxesMapping = "amk,kn->amn".parse().unwrap();
+            let y = model
+                .wire_node(
+                    "product",
+                    EinSum::new(axes, f32::datum_type()),
+                    &[sliced, w],
+                )
+                .unwrap()[0];
+            let outputs = if shared { vec![y, sliced] } else { vec![y] };
+            model.select_output_outlets(&outputs).unwrap();
+            let Some((model, ours, slices)) = take_the_product::<Slice>(model, &what) else {
+                continue;
+            };
+            assert_eq!(slices, !folded as usize, "{what}: slices left");
+            let x = tract_ndarray::Array3::from_shape_vec((1, tokens, k), values(tokens * k, 9))
+                .unwrap()
+                .into_tensor();
+            let rows = if axis == 1 { end - start } else { tokens };
+            assert_plans_agree(model, ours, &x, &[1, rows, n], &what);
         }
     }
 
