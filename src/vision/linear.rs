@@ -1061,6 +1061,13 @@ mod tests {
         }
     }
 
+    /// Activations `[1, tokens, k]`, the same for every test.
+    fn tokens_input(tokens: usize, k: usize) -> Tensor {
+        tract_ndarray::Array3::from_shape_vec((1, tokens, k), values(tokens * k, 9))
+            .unwrap()
+            .into_tensor()
+    }
+
     /// x[1, tokens, k] · W[k, n] as a decluttered tract model.
     fn one_product_model(tokens: usize, k: usize, n: usize) -> TypedModel {
         product_model("amk,kn->amn", &[1, tokens, k], k, n)
@@ -1086,9 +1093,7 @@ mod tests {
                 .is_none()),
             "weights dropped"
         );
-        let x = tract_ndarray::Array3::from_shape_vec((1, tokens, k), values(tokens * k, 9))
-            .unwrap()
-            .into_tensor();
+        let x = tokens_input(tokens, k);
         assert_plans_agree(model, ours, &x, &[1, tokens, n], "amk,kn->amn");
     }
 
@@ -1227,9 +1232,7 @@ mod tests {
                 continue;
             };
             assert_eq!(adds, !folded as usize, "{what}: adds left");
-            let x = tract_ndarray::Array3::from_shape_vec((1, tokens, k), values(tokens * k, 9))
-                .unwrap()
-                .into_tensor();
+            let x = tokens_input(tokens, k);
             let out: Vec<usize> = if shape.len() > 3 {
                 vec![1, 1, tokens, n]
             } else {
@@ -1270,9 +1273,7 @@ mod tests {
                 continue;
             };
             assert_eq!(gelus, shared as usize, "{what}: quick-GELUs left");
-            let x = tract_ndarray::Array3::from_shape_vec((1, tokens, k), values(tokens * k, 9))
-                .unwrap()
-                .into_tensor();
+            let x = tokens_input(tokens, k);
             assert_plans_agree(model, ours, &x, &[1, tokens, n], &what);
         }
     }
@@ -1315,9 +1316,7 @@ mod tests {
                 continue;
             };
             assert_eq!(slices, !folded as usize, "{what}: slices left");
-            let x = tract_ndarray::Array3::from_shape_vec((1, tokens, k), values(tokens * k, 9))
-                .unwrap()
-                .into_tensor();
+            let x = tokens_input(tokens, k);
             let rows = if axis == 1 { end - start } else { tokens };
             assert_plans_agree(model, ours, &x, &[1, rows, n], &what);
         }
