@@ -255,10 +255,11 @@ pub fn product(w: &PackedWeights, x: &[f32], tokens: usize, out: &mut [f32]) -> 
     let threads = pool.current_num_threads().max(1);
     // The tokens in one share per thread where there are enough of them (197 tokens: 12 panels
     // and a half each, where whole panels would give one thread 13) or only one block of
-    // features to share, else in one: each share
-    // reads every weight (the second reader of a block mostly from the shared cache) and only
-    // its own tokens. Against splitting the features, which streams each weight once, ViT-B/16
-    // at two threads measured 1.06 against 1.10 times onnxruntime's time (docs/performance.md).
+    // features to share, else in one: each share reads every weight (the second reader of a
+    // block mostly from the shared cache) and only its own tokens. Against splitting the
+    // features, which streams each weight once, ViT-B/16 at two threads measured 1.06 against
+    // 1.10 times onnxruntime's time (session 11), and 1.080 against 1.002 with the units below
+    // (docs/performance.md).
     let per = if panels >= 2 * threads || blocks < 2 {
         tokens.div_ceil(threads).next_multiple_of(PANEL / 2)
     } else {
