@@ -49,6 +49,13 @@ const MIN_PARALLEL_WORK: usize = 1 << 21;
 /// One weight block's values at one depth: `BLOCK` features.
 type Row = [[f32; 16]; LANES];
 
+/// `values` (at most [`BLOCK`]) as a row, zeros after them.
+fn row_of(values: &[f32]) -> Row {
+    let mut row = [[0f32; 16]; LANES];
+    row.as_flattened_mut()[..values.len()].copy_from_slice(values);
+    row
+}
+
 /// A constant `[k, n]` weight matrix, packed for the kernel.
 // Read by the kernel only, which is x86-64's (elsewhere no product is replaced).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -86,9 +93,7 @@ impl PackedWeights {
                 let first = b * BLOCK;
                 let width = BLOCK.min(n - first);
                 for src in w.chunks_exact(n).take(k1).skip(k0) {
-                    let mut row = [[0f32; 16]; LANES];
-                    row.as_flattened_mut()[..width].copy_from_slice(&src[first..first + width]);
-                    rows.push(row);
+                    rows.push(row_of(&src[first..first + width]));
                 }
             }
         }
@@ -105,15 +110,7 @@ impl PackedWeights {
     /// The same, with a bias `[n]` added to every token's outputs.
     pub fn with_bias(mut self, bias: &[f32]) -> Self {
         assert_eq!(bias.len(), self.n, "a bias of {} features", self.n);
-        let rows = bias
-            .chunks(BLOCK)
-            .map(|values| {
-                let mut row = [[0f32; 16]; LANES];
-                row.as_flattened_mut()[..values.len()].copy_from_slice(values);
-                row
-            })
-            .collect();
-        self.bias = Some(rows);
+        self.bias = Some(bias.chunks(BLOCK).map(row_of).collect());
         self
     }
 
@@ -348,7 +345,7 @@ fn take_products_here(model: &mut TypedModel) -> TractResult<usize> {
     if kernel::available().is_none() {
         return Ok(0);
     }
-    let (mut taken, mut biases, mut gates) = (0, 0, 0);
+    let (mut taken, mut biases, mut gates, mut slices) = (0, 0, 0, 0);
     // Node ids change when the model is compacted after each replacement: look again each time.
     while let Some(Found {
         id,
@@ -377,14 +374,24 @@ fn take_products_here(model: &mut TypedModel) -> TractResult<usize> {
             last = gelu;
             gates += 1;
         }
+        // A slice of tokens that only the product reads is read in place instead (tract moves
+        // the class token's removal from a tower's last layer up into it, where it copied the
+        // 3072-wide activations).
+        let (input, tokens) = match token_slice(model, x)? {
+            Some((from, range)) => {
+                slices += 1;
+                (from, Some(range))
+            }
+            None => (x, None),
+        };
         let op = Linear {
             weights: Arc::new(packed),
             front,
-            tokens: None,
+            tokens,
         };
         let name = model.node(id).name.clone();
         let mut patch = TypedModelPatch::default();
-        let input = patch.tap_model(model, x)?;
+        let input = patch.tap_model(model, input)?;
         let out = patch.wire_node(&name, op, &[input])?[0];
         patch
             .shunt_outside(model, OutletId::new(last, 0), out)
@@ -395,7 +402,6 @@ fn take_products_here(model: &mut TypedModel) -> TractResult<usize> {
         model.compact()?;
         taken += 1;
     }
-    let slices = take_slices(model)?;
     if taken > 0 {
         log::debug!(
             "{taken} products on this project's kernel, {biases} with their bias add, {gates} \
@@ -405,76 +411,34 @@ fn take_products_here(model: &mut TypedModel) -> TractResult<usize> {
     Ok(taken)
 }
 
-/// Let each [`Linear`] whose input is a slice of tokens that nothing else reads read those
-/// tokens in place (tract moves the class token's removal from a tower's last layer up into
-/// it, where it copies the 3072-wide activations). Returns how many.
-fn take_slices(model: &mut TypedModel) -> TractResult<usize> {
-    let mut taken = 0;
-    while let Some(SliceRead { id, from, tokens }) = next_slice(model)? {
-        let Some(linear) = model.node(id).op_as::<Linear>() else {
-            break;
-        };
-        let op = Linear {
-            tokens: Some(tokens),
-            ..linear.clone()
-        };
-        let name = model.node(id).name.clone();
-        let mut patch = TypedModelPatch::default();
-        let input = patch.tap_model(model, from)?;
-        let out = patch.wire_node(&name, op, &[input])?[0];
-        patch.shunt_outside(model, OutletId::new(id, 0), out)?;
-        patch.apply(model)?;
-        model.compact()?;
-        taken += 1;
-    }
-    Ok(taken)
+/// Where `x` is a slice of tokens (the axis before the last, all axes before it 1) that only
+/// one operator reads: the slice's input and the tokens.
+fn token_slice(model: &TypedModel, x: OutletId) -> TractResult<Option<(OutletId, (usize, usize))>> {
+    let sliced = model.node(x.node);
+    let Some(slice) = sliced.op_as::<tract_onnx::tract_core::ops::array::Slice>() else {
+        return Ok(None);
+    };
+    let from = sliced.inputs[0];
+    let shape = &model.outlet_fact(from)?.shape;
+    let (Ok(start), Ok(end)) = (slice.start.to_usize(), slice.end.to_usize()) else {
+        return Ok(None);
+    };
+    let fits = sole_reader(model, x.node)?.is_some()
+        && shape.rank() >= 2
+        && slice.axis == shape.rank() - 2
+        && shape.iter().take(slice.axis).all(|d| *d == 1.to_dim())
+        && start <= end;
+    Ok(fits.then_some((from, (start, end))))
 }
 
-/// A [`Linear`] reading all of a slice of tokens that it alone reads.
-struct SliceRead {
-    /// The [`Linear`]'s node.
-    id: usize,
-    /// The slice's input.
-    from: OutletId,
-    /// The slice's tokens.
-    tokens: (usize, usize),
-}
-
-/// The first [`SliceRead`] of `model`.
-fn next_slice(model: &TypedModel) -> TractResult<Option<SliceRead>> {
-    use tract_onnx::tract_core::ops::array::Slice;
-    for node in model.nodes() {
-        let Some(linear) = node.op_as::<Linear>() else {
-            continue;
-        };
-        let input = node.inputs[0];
-        let sliced = model.node(input.node);
-        let Some(slice) = sliced.op_as::<Slice>() else {
-            continue;
-        };
-        let from = sliced.inputs[0];
-        let shape = &model.outlet_fact(from)?.shape;
-        let (Ok(start), Ok(end)) = (slice.start.to_usize(), slice.end.to_usize()) else {
-            continue;
-        };
-        let alone =
-            sliced.outputs[0].successors.len() == 1 && !model.output_outlets()?.contains(&input);
-        let leading_units = shape.iter().take(slice.axis).all(|d| *d == 1.to_dim());
-        if linear.tokens.is_none()
-            && alone
-            && shape.rank() >= 2
-            && slice.axis == shape.rank() - 2
-            && leading_units
-            && start <= end
-        {
-            return Ok(Some(SliceRead {
-                id: node.id,
-                from,
-                tokens: (start, end),
-            }));
-        }
-    }
-    Ok(None)
+/// The one operator reading node `id`'s output, where it has only that reader and is not also
+/// a model output.
+fn sole_reader(model: &TypedModel, id: usize) -> TractResult<Option<InletId>> {
+    let [reader] = model.node(id).outputs[0].successors[..] else {
+        return Ok(None);
+    };
+    let output = model.output_outlets()?.contains(&OutletId::new(id, 0));
+    Ok((!output).then_some(reader))
 }
 
 /// A product [`take_products`] can replace.
@@ -556,14 +520,14 @@ fn bias_after(
     n: usize,
 ) -> TractResult<Option<(usize, Arc<Tensor>)>> {
     let product = OutletId::new(id, 0);
-    let [reader] = model.node(id).outputs[0].successors[..] else {
+    let Some(reader) = sole_reader(model, id)? else {
         return Ok(None);
     };
     let add = model.node(reader.node);
     let is_add = add
         .op_as::<tract_onnx::tract_core::ops::binary::TypedBinOp>()
         .is_some_and(|op| op.0.is::<tract_onnx::tract_core::ops::math::Add>());
-    if !is_add || model.output_outlets()?.contains(&product) || add.inputs.len() != 2 {
+    if !is_add || add.inputs.len() != 2 {
         return Ok(None);
     }
     let other = add.inputs[1 - reader.slot];
@@ -583,13 +547,9 @@ fn bias_after(
 /// The quick-GELU node that is the only reader of node `id`'s output (not itself a model
 /// output), and its alpha.
 fn gate_after(model: &TypedModel, id: usize) -> TractResult<Option<(usize, f32)>> {
-    let outlet = OutletId::new(id, 0);
-    let [reader] = model.node(id).outputs[0].successors[..] else {
+    let Some(reader) = sole_reader(model, id)? else {
         return Ok(None);
     };
-    if model.output_outlets()?.contains(&outlet) {
-        return Ok(None);
-    }
     let node = model.node(reader.node);
     Ok(node
         .op_as::<crate::vision::ops::QuickGelu>()
@@ -860,8 +820,7 @@ mod kernel {
             let row: Row = bytemuck::cast(*full);
             return std::array::from_fn(|l| pulp::cast(row[l]));
         }
-        let mut row: Row = [[0.0; 16]; LANES];
-        row.as_flattened_mut()[..src.len()].copy_from_slice(src);
+        let row = super::row_of(src);
         std::array::from_fn(|l| pulp::cast(row[l]))
     }
 
