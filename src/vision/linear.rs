@@ -131,7 +131,10 @@ impl PackedWeights {
 /// `x · W` for an f32 `x` of shape `[…, t, k]` and a constant `W` packed at load.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    pub weights: Arc<PackedWeights>,
+    /// `W`, as one or more column blocks side by side, all `k` deep: products of the same
+    /// activations whose outputs were concatenated along their features are one `Linear` that
+    /// writes each block's columns in place.
+    pub weights: Vec<Arc<PackedWeights>>,
     /// Unit axes the output has in front of the input's (1 for `mk,kn->amn`), or, negative,
     /// leading unit axes of the input it drops (-1 for `amk,kn->mn`).
     pub front: isize,
@@ -142,7 +145,8 @@ pub struct Linear {
 
 impl PartialEq for Linear {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.weights, &other.weights)
+        self.weights.len() == other.weights.len()
+            && std::iter::zip(&self.weights, &other.weights).all(|(a, b)| Arc::ptr_eq(a, b))
             && self.front == other.front
             && self.tokens == other.tokens
     }
@@ -151,6 +155,20 @@ impl PartialEq for Linear {
 impl Eq for Linear {}
 
 impl Linear {
+    /// The depth `k` and the width `n` of `W`.
+    fn k_n(&self) -> TractResult<(usize, usize)> {
+        let k = self
+            .weights
+            .first()
+            .context("a linear layer without weights")?
+            .k;
+        ensure!(
+            self.weights.iter().all(|w| w.k == k),
+            "column blocks of one depth"
+        );
+        Ok((k, self.weights.iter().map(|w| w.n).sum()))
+    }
+
     /// The output's shape (dims or sizes) for an input of `input`: the unit axes `front`
     /// adds or drops, and the depth `k` replaced by the width `n`.
     fn output_shape<D>(&self, input: &[D], k: D, n: D) -> TractResult<TVec<D>>
@@ -184,19 +202,16 @@ impl Op for Linear {
 
 impl TypedOp for Linear {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let w = &*self.weights;
-        let shape = self.output_shape(&inputs[0].shape, w.k.to_dim(), w.n.to_dim())?;
+        let (k, n) = self.k_n()?;
+        let shape = self.output_shape(&inputs[0].shape, k.to_dim(), n.to_dim())?;
         Ok(tvec!(f32::fact(shape)))
     }
 
     fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
-        let w = &*self.weights;
-        let shape = self.output_shape(&inputs[0].shape, w.k.to_dim(), w.n.to_dim())?;
+        let (k, n) = self.k_n()?;
+        let shape = self.output_shape(&inputs[0].shape, k.to_dim(), n.to_dim())?;
         let tokens: TDim = shape.iter().rev().skip(1).product();
-        Ok(tvec!((
-            Cost::FMA(f32::datum_type()),
-            tokens * (self.weights.k * self.weights.n)
-        )))
+        Ok(tvec!((Cost::FMA(f32::datum_type()), tokens * (k * n))))
     }
 
     as_op!();
@@ -207,34 +222,51 @@ impl EvalOp for Linear {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let x = args_1!(inputs);
-        let w = &*self.weights;
-        let shape = self.output_shape(x.shape(), w.k, w.n)?;
+        let (k, n) = self.k_n()?;
+        let shape = self.output_shape(x.shape(), k, n)?;
         let tokens = shape.iter().rev().skip(1).product();
         let view = x.to_plain_array_view::<f32>()?;
         let mut x = view.as_slice().context("tensors are contiguous")?;
         if let Some((start, end)) = self.tokens {
             x = x
-                .get(start * w.k..end * w.k)
-                .with_context(|| format!("tokens {start}..{end} of {}", x.len() / w.k.max(1)))?;
+                .get(start * k..end * k)
+                .with_context(|| format!("tokens {start}..{end} of {}", x.len() / k.max(1)))?;
         }
         // Made as a tensor and written in place (an array converted afterwards is copied).
         let mut out = Tensor::zero::<f32>(&shape)?;
         let mut view = out.to_plain_array_view_mut::<f32>()?;
         let slice = view.as_slice_mut().context("tensors are contiguous")?;
-        product(w, x, tokens, slice)?;
+        let mut first = 0;
+        for w in &self.weights {
+            product_into(w, x, tokens, slice, n, first)?;
+            first += w.n;
+        }
         Ok(tvec!(out.into_tvalue()))
     }
 }
 
 /// `out[t, n] = Σ_k x[t, k] · W[k, n]` for `tokens` rows of `x`, on tract's threads.
 pub fn product(w: &PackedWeights, x: &[f32], tokens: usize, out: &mut [f32]) -> TractResult<()> {
-    ensure!(x.len() == tokens * w.k && out.len() == tokens * w.n);
-    let simd = kernel::available().context("the product kernel needs AVX-512")?;
+    product_into(w, x, tokens, out, w.n, 0)
+}
+
+/// [`product`] into columns `first..first + n` of `out`'s rows, `width` wide each.
+pub fn product_into(
+    w: &PackedWeights,
+    x: &[f32],
+    tokens: usize,
+    out: &mut [f32],
+    width: usize,
+    first: usize,
+) -> TractResult<()> {
     let (k, n) = (w.k, w.n);
+    ensure!(x.len() == tokens * k && out.len() == tokens * width && first + n <= width);
+    let simd = kernel::available().context("the product kernel needs AVX-512")?;
     let blocks = n.div_ceil(BLOCK);
     if n == 0 || tokens == 0 {
         return Ok(());
     }
+    let columns = first..first + n;
     let panels = tokens.div_ceil(PANEL);
     let pool = match tract_linalg::multithread::current_tract_executor() {
         tract_linalg::multithread::Executor::MultiThread(pool)
@@ -245,7 +277,10 @@ pub fn product(w: &PackedWeights, x: &[f32], tokens: usize, out: &mut [f32]) -> 
         _ => None,
     };
     let Some(pool) = pool else {
-        let mut rows: Vec<&mut [f32]> = out.chunks_exact_mut(n).collect();
+        let mut rows: Vec<&mut [f32]> = out
+            .chunks_exact_mut(width)
+            .map(|row| &mut row[columns.clone()])
+            .collect();
         kernel::run(simd, w, x, 0..blocks, &mut rows, None);
         return Ok(());
     };
@@ -273,10 +308,10 @@ pub fn product(w: &PackedWeights, x: &[f32], tokens: usize, out: &mut [f32]) -> 
     let group = blocks.div_ceil(UNITS_PER_THREAD * threads / shares).max(1);
     let groups = blocks.div_ceil(group);
     let mut units: Vec<Vec<std::sync::Mutex<Option<Unit>>>> = Vec::with_capacity(shares);
-    for (x, out) in x.chunks(per * k).zip(out.chunks_mut(per * n)) {
+    for (x, out) in x.chunks(per * k).zip(out.chunks_mut(per * width)) {
         let mut rows: Vec<Vec<&mut [f32]>> = (0..groups).map(|_| Vec::new()).collect();
-        for row in out.chunks_exact_mut(n) {
-            for (g, columns) in row.chunks_mut(group * BLOCK).enumerate() {
+        for row in out.chunks_exact_mut(width) {
+            for (g, columns) in row[columns.clone()].chunks_mut(group * BLOCK).enumerate() {
                 rows[g].push(columns);
             }
         }
@@ -385,7 +420,7 @@ fn take_products_here(model: &mut TypedModel) -> TractResult<usize> {
             None => (x, None),
         };
         let op = Linear {
-            weights: Arc::new(packed),
+            weights: vec![Arc::new(packed)],
             front,
             tokens,
         };
@@ -402,13 +437,68 @@ fn take_products_here(model: &mut TypedModel) -> TractResult<usize> {
         model.compact()?;
         taken += 1;
     }
+    let joined = join_concatenated(model)?;
     if taken > 0 {
         log::debug!(
             "{taken} products on this project's kernel, {biases} with their bias add, {gates} \
-             with their quick-GELU, {slices} reading a slice of tokens in place"
+             with their quick-GELU, {slices} reading a slice of tokens in place, {joined} \
+             concatenations of their outputs written in place"
         );
     }
     Ok(taken)
+}
+
+/// Replace each concatenation along the features of [`Linear`] outputs that read the same
+/// activations (each output read by the concatenation alone) by one [`Linear`] with their
+/// weights as column blocks, which writes each block's outputs where the concatenation put
+/// them: a converted tower's largest layer comes as column blocks (scripts/convert_chatpose.py,
+/// `SPLIT_LINEAR_BYTES`), whose concatenation copied the projector's whole output (ViT-L: 9 MB).
+fn join_concatenated(model: &mut TypedModel) -> TractResult<usize> {
+    use tract_onnx::tract_core::ops::array::TypedConcat;
+    let mut joined = 0;
+    'nodes: for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(concat) = node.op_as::<TypedConcat>() else {
+            continue;
+        };
+        if node.inputs.len() < 2 || concat.axis + 1 != model.outlet_fact(node.inputs[0])?.rank() {
+            continue;
+        }
+        let mut parts: Vec<&Linear> = Vec::with_capacity(node.inputs.len());
+        for part in &node.inputs {
+            let producer = model.node(part.node);
+            let Some(linear) = producer.op_as::<Linear>() else {
+                continue 'nodes;
+            };
+            let same = parts.first().is_none_or(|first| {
+                first.front == linear.front
+                    && first.tokens == linear.tokens
+                    && first.k_n().ok().map(|(k, _)| k) == linear.k_n().ok().map(|(k, _)| k)
+                    && model.node(node.inputs[0].node).inputs == producer.inputs
+            });
+            if !same || sole_reader(model, part.node)?.is_none() {
+                continue 'nodes;
+            }
+            parts.push(linear);
+        }
+        let op = Linear {
+            weights: parts
+                .iter()
+                .flat_map(|p| p.weights.iter().cloned())
+                .collect(),
+            front: parts[0].front,
+            tokens: parts[0].tokens,
+        };
+        let x = model.node(node.inputs[0].node).inputs[0];
+        let name = node.name.clone();
+        let mut patch = TypedModelPatch::default();
+        let input = patch.tap_model(model, x)?;
+        let out = patch.wire_node(&name, op, &[input])?[0];
+        patch.shunt_outside(model, OutletId::new(id, 0), out)?;
+        patch.apply(model)?;
+        joined += 1;
+    }
+    Ok(joined)
 }
 
 /// Where `x` is a slice of tokens (the axis before the last, all axes before it 1) that only
@@ -991,7 +1081,8 @@ mod tests {
         // (tokens, k, n): many panels (a share of tokens per thread, the last one short), one
         // panel (one share), groups of several blocks with a short last one, and products in
         // several passes; each above the work that goes to the threads. Outputs start as NaN:
-        // a unit no thread ran shows.
+        // a unit no thread ran shows. Each also into columns 20.. of rows 37 wider (a column
+        // block of a wider output), whose other columns must stay as they were.
         for &(tokens, k, n) in &[
             (197, 64, 200),
             (61, 300, 130),
@@ -1006,18 +1097,27 @@ mod tests {
             let bias = values(n, 13);
             let packed = PackedWeights::new(&w, k, n).with_bias(&bias);
             let want = reference(&x, &w, tokens, k, n);
-            for threads in [2, 3] {
-                let mut out = vec![f32::NAN; tokens * n];
+            for (threads, (width, first)) in [2, 3].into_iter().zip([(n, 0), (n + 37, 20)]) {
+                let mut out = vec![f32::NAN; tokens * width];
                 multithread_tract_scope(Executor::multithread(threads), || {
-                    product(&packed, &x, tokens, &mut out)
+                    product_into(&packed, &x, tokens, &mut out, width, first)
                 })
                 .unwrap();
-                for (i, (&got, &want)) in out.iter().zip(&want).enumerate() {
-                    let want = want + bias[i % n] as f64;
+                let what = format!("{tokens}x{k}x{n} on {threads} threads, columns {first}..");
+                for (t, row) in out.chunks_exact(width).enumerate() {
+                    let (before, rest) = row.split_at(first);
+                    let (ours, after) = rest.split_at(n);
                     assert!(
-                        (got as f64 - want).abs() <= 1e-5 * (k as f64).sqrt(),
-                        "{tokens}x{k}x{n} on {threads} threads: output {i} is {got}, want {want}"
+                        before.iter().chain(after).all(|v| v.is_nan()),
+                        "{what}: token {t}'s other columns written"
                     );
+                    for (j, &got) in ours.iter().enumerate() {
+                        let want = want[t * n + j] + bias[j] as f64;
+                        assert!(
+                            (got as f64 - want).abs() <= 1e-5 * (k as f64).sqrt(),
+                            "{what}: token {t} output {j} is {got}, want {want}"
+                        );
+                    }
                 }
             }
         }
@@ -1281,6 +1381,99 @@ mod tests {
             let x = tokens_input(tokens, k);
             let rows = if axis == 1 { end - start } else { tokens };
             assert_plans_agree(model, ours, &x, &[1, rows, n], &what);
+        }
+    }
+
+    #[test]
+    fn a_concatenation_of_products_of_the_same_tokens_is_written_in_place_and_others_stay() {
+        use tract_onnx::tract_core::ops::array::TypedConcat;
+        let (tokens, k) = (9, 40);
+        // (the products' widths, concatenated along, the second one reads |x| instead of x,
+        // the first product also an output, joined)
+        let cases: &[(&[usize], usize, bool, bool, bool)] = &[
+            (&[56, 100], 2, false, false, true),
+            (&[56, 100, 8], 2, false, false, true),
+            // Along the tokens, or of products of different activations, or a product also
+            // read elsewhere: the concatenation stays.
+            (&[56, 56], 1, false, false, false),
+            (&[56, 100], 2, true, false, false),
+            (&[56, 100], 2, false, true, false),
+        ];
+        for &(widths, axis, other_input, shared, joined) in cases {
+            let what = format!(
+                "widths {widths:?} along {axis}, other input {other_input}, shared {shared}"
+            );
+            let mut model = TypedModel::default();
+            let x = model.add_source("x", f32::fact([1, tokens, k])).unwrap();
+            let abs = tract_onnx::tract_core::ops::math::abs();
+            let other = model.wire_node("abs", abs, &[x]).unwrap()[0];
+            let mut products = Vec::new();
+            for (i, &n) in widths.iter().enumerate() {
+                let w = tract_ndarray::Array2::from_shape_vec((k, n), values(k * n, 7 + i as u64))
+                    .unwrap()
+                    .into_tensor();
+                let w = model.add_const(format!("w{i}"), w).unwrap();
+                let input = if other_input && i == 1 { other } else { x };
+                let axes: AxesMapping = "amk,kn->amn".parse().unwrap();
+                let einsum = EinSum::new(axes, f32::datum_type());
+                products.push(
+                    model
+                        .wire_node(format!("product{i}"), einsum, &[input, w])
+                        .unwrap()[0],
+                );
+            }
+            let concat = model
+                .wire_node("concat", TypedConcat { axis }, &products)
+                .unwrap()[0];
+            let outputs = if shared {
+                vec![concat, products[0]]
+            } else {
+                vec![concat]
+            };
+            model.select_output_outlets(&outputs).unwrap();
+            let model = model.into_decluttered().unwrap();
+            let mut ours = model.clone();
+            let taken = take_products_here(&mut ours).unwrap();
+            if kernel::available().is_none() {
+                assert_eq!(taken, 0, "{what}");
+                continue;
+            }
+            assert_eq!(taken, widths.len(), "{what}");
+            let ours = ours.into_decluttered().unwrap();
+            let concats = ours.nodes().iter().filter(|n| n.op_is::<TypedConcat>());
+            let linears = ours.nodes().iter().filter(|n| n.op_is::<Linear>());
+            assert_eq!(
+                concats.count(),
+                !joined as usize,
+                "{what}: concatenations left"
+            );
+            let want = if joined { 1 } else { widths.len() };
+            assert_eq!(linears.count(), want, "{what}: products left");
+            let x = tokens_input(tokens, k);
+            let out = if axis == 2 {
+                [1, tokens, widths.iter().sum()]
+            } else {
+                [1, tokens * widths.len(), widths[0]]
+            };
+            let run = |m: TypedModel| {
+                let plan = m.into_optimized().unwrap().into_runnable().unwrap();
+                plan.run(tvec!(x.clone().into_tvalue())).unwrap()
+            };
+            let (want, got) = (run(model), run(ours));
+            for (want, got) in want.iter().zip(&got) {
+                assert_eq!(got.shape(), want.shape(), "{what}");
+                let (want, got) = (
+                    want.to_plain_array_view::<f32>().unwrap(),
+                    got.to_plain_array_view::<f32>().unwrap(),
+                );
+                for (i, (a, b)) in got.iter().zip(want.iter()).enumerate() {
+                    assert!(
+                        (a - b).abs() < 1e-4,
+                        "{what}: output {i} is {a}, tract's {b}"
+                    );
+                }
+            }
+            assert_eq!(got[0].shape(), out, "{what}");
         }
     }
 
