@@ -16,6 +16,7 @@
 
 use std::sync::{Arc, Mutex, OnceLock};
 
+use super::linear::{keep_spare, spare_or_zero};
 use super::panel::{quick_gelu_into_panel, rows_into_panel, Scale};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
@@ -571,6 +572,18 @@ impl EvalOp for Attention {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let (q, k, v) = args_3!(inputs);
+        let out = self.attend_all(&q, &k, &v)?;
+        // Its last reader was this: kept for an output of the same size.
+        for input in [q, k, v] {
+            keep_spare(input);
+        }
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl Attention {
+    /// The attention of all heads, as a tensor.
+    fn attend_all(&self, q: &TValue, k: &TValue, v: &TValue) -> TractResult<Tensor> {
         let (q, k, v) = (
             q.to_plain_array_view::<f32>()?,
             k.to_plain_array_view::<f32>()?,
@@ -626,11 +639,12 @@ impl EvalOp for Attention {
                 None => heads.iter_mut().try_for_each(run)?,
             }
             drop(heads);
-            return Ok(tvec!(out.into_tensor()?.into_tvalue()));
+            return out.into_tensor();
         }
         // The output is made as a tensor and written in place: an ndarray turned into a tensor
-        // afterwards is copied once more (0.3 ms per ViT-B layer).
-        let mut out = Tensor::zero::<f32>(&[batch, tokens, self.heads * dv])?;
+        // afterwards is copied once more (0.3 ms per ViT-B layer). Every head writes all its
+        // columns, so a spare tensor will do.
+        let mut out = spare_or_zero(&[batch, tokens, self.heads * dv])?;
         let mut view = out
             .to_plain_array_view_mut::<f32>()?
             .into_dimensionality::<Ix3>()?;
@@ -657,7 +671,7 @@ impl EvalOp for Attention {
             None => heads.iter_mut().try_for_each(run)?,
         }
         drop(heads);
-        Ok(tvec!(out.into_tvalue()))
+        Ok(out)
     }
 }
 
@@ -1065,7 +1079,7 @@ impl LayerNorm {
         let (mut y, shared) = if x.is_exclusive() {
             (x.into_tensor(), None)
         } else {
-            (Tensor::zero::<f32>(x.shape())?, Some(x))
+            (spare_or_zero(x.shape())?, Some(x))
         };
         let src = shared
             .as_ref()
