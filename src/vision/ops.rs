@@ -963,10 +963,11 @@ fn residual_terms(a: TValue, b: TValue) -> TractResult<(Tensor, TValue)> {
     })
 }
 
-/// a + b, written into whichever of the two nobody else holds (or a new tensor).
+/// a + b, written into whichever of the two nobody else holds (or a new tensor); the other is
+/// kept as a spare where nothing else holds it either.
 fn residual_sum(a: TValue, b: TValue) -> TractResult<Tensor> {
-    let (mut sum, other) = residual_terms(a, b)?;
-    let other = other.to_plain_array_view::<f32>()?;
+    let (mut sum, term) = residual_terms(a, b)?;
+    let other = term.to_plain_array_view::<f32>()?;
     let other = other.as_slice().context("tensors are contiguous")?;
     let mut view = sum.to_plain_array_view_mut::<f32>()?;
     let data = view.as_slice_mut().context("tensors are contiguous")?;
@@ -987,6 +988,8 @@ fn residual_sum(a: TValue, b: TValue) -> TractResult<Tensor> {
         None => add((data, other)),
     }
     drop(view);
+    drop(other);
+    keep_spare(term);
     Ok(sum)
 }
 
