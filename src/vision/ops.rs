@@ -967,8 +967,8 @@ fn residual_terms(a: TValue, b: TValue) -> TractResult<(Tensor, TValue)> {
 /// kept as a spare where nothing else holds it either.
 fn residual_sum(a: TValue, b: TValue) -> TractResult<Tensor> {
     let (mut sum, term) = residual_terms(a, b)?;
-    let other = term.to_plain_array_view::<f32>()?;
-    let other = other.as_slice().context("tensors are contiguous")?;
+    let term_view = term.to_plain_array_view::<f32>()?;
+    let other = term_view.as_slice().context("tensors are contiguous")?;
     let mut view = sum.to_plain_array_view_mut::<f32>()?;
     let data = view.as_slice_mut().context("tensors are contiguous")?;
     let add = |(out, x): (&mut [f32], &[f32])| {
@@ -987,8 +987,7 @@ fn residual_sum(a: TValue, b: TValue) -> TractResult<Tensor> {
         }
         None => add((data, other)),
     }
-    drop(view);
-    drop(other);
+    drop((view, term_view));
     keep_spare(term);
     Ok(sum)
 }
