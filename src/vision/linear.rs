@@ -7,9 +7,10 @@
 //! by every group of [`PANEL`] tokens in turn while its weights are still in the core's cache:
 //! 8 × 48 outputs in 24 vector registers, 3 weight loads and 8 broadcasts per step of the depth,
 //! the activations read in place, the block's own weights asked into L1 a few steps ahead and
-//! the next block's into L2 a row at a time. Products deeper than [`DEPTH`] run in passes of
-//! that depth; the threads claim a product's work in units (a group of feature blocks for one
-//! thread's share of the tokens) as they go. A bias add after the product is folded in (the
+//! the next block's into L2 a row at a time; a thread's tokens go through a unit's blocks in
+//! chunks small enough to stay in L2 ([`CHUNK_BYTES`]). Products deeper than [`DEPTH`] run in
+//! passes of that depth; the threads claim a product's work in units (a group of feature blocks
+//! for one thread's share of the tokens) as they go. A bias add after the product is folded in (the
 //! first pass starts from the bias instead of zeros), and so is a quick-GELU after that (the
 //! last pass gates its outputs in registers before it stores them).
 //!
@@ -42,6 +43,16 @@ const DEPTH: usize = 1024;
 /// at two threads went from 1.16 to 1.07 × onnxruntime's time (docs/performance.md).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const PREFETCH: usize = 20;
+
+/// The most bytes of activations (at one pass's depths) that the kernel runs all of a unit's
+/// blocks over before it goes on to the next tokens. Each block's weights are read for every
+/// panel of 8 tokens, and the panels for every block: ViT-L's share of tokens per thread is
+/// 292 × 1024 floats (1.2 MB), which left little of the 2 MB L2 for the block's weights and the
+/// next block's; in chunks of at most 512 KB (three of 13 panels there) the chunk stays in L2
+/// while the unit's blocks (2–6 of 196 KB) are read again from it for each chunk. ViT-L at two
+/// threads, paired runs: 0.981 against 1.050 (6 runs × 4), chunks of 12 panels 0.975 and 1.019
+/// against 1.034 and 1.059 (6 × 4, 5 × 4). ViT-B's shares (99 tokens) fit in one chunk.
+const CHUNK_BYTES: usize = 512 << 10;
 
 /// Multiply-adds below which a product runs on the calling thread.
 const MIN_PARALLEL_WORK: usize = 1 << 21;
@@ -720,7 +731,7 @@ fn normalise(expr: &str) -> String {
 
 #[cfg(target_arch = "x86_64")]
 mod kernel {
-    use super::{PackedWeights, Row, BLOCK, DEPTH, LANES, PANEL, PREFETCH};
+    use super::{PackedWeights, Row, BLOCK, CHUNK_BYTES, DEPTH, LANES, PANEL, PREFETCH};
     use pulp::f32x16;
     use pulp::x86::V4;
 
@@ -790,50 +801,67 @@ mod kernel {
             }
             let zero = simd.splat_f32x16(0.0);
             let origin = blocks.start * super::BLOCK;
+            let panels = x.len().div_ceil(PANEL * k).max(1);
             for k0 in (0..k).step_by(w.depth) {
                 let k1 = (k0 + w.depth).min(k);
-                for b in blocks.clone() {
-                    let wk = w.pass(k0, k1, b);
-                    // What the first pass starts from: the bias, or zeros.
-                    let start = match &w.bias {
-                        Some(bias) => std::array::from_fn(|l| pulp::cast(bias[b][l])),
-                        None => [zero; LANES],
-                    };
-                    let first = b * super::BLOCK - origin;
-                    let width = super::BLOCK.min(n - b * super::BLOCK);
-                    // The next weights this thread reads, asked into L2 while these run: a share
-                    // per panel, one row of it every few depth steps (a burst at the start of
-                    // each panel measured ~10 % slower over the tower's shapes: it fills the
-                    // core's miss queue while the panel's own loads wait).
-                    let next: &[Row] = if b + 1 < blocks.end {
-                        w.pass(k0, k1, b + 1)
-                    } else if k1 < k {
-                        w.pass(k1, (k1 + w.depth).min(k), blocks.start)
-                    } else if let Some(then) = then {
-                        w.pass(0, w.depth.min(k), then)
-                    } else {
-                        &[]
-                    };
-                    let panels = x.len().div_ceil(PANEL * k).max(1);
-                    let share = next.len().div_ceil(panels);
-                    let mut ahead = next.chunks(share.max(1));
-                    for (panel, rows) in x.chunks(PANEL * k).zip(rows.chunks_mut(PANEL)) {
-                        let later = ahead.next().unwrap_or(&[]);
-                        let pass = Pass {
-                            simd,
-                            k: k0..k1,
-                            start,
-                            columns: first..first + width,
-                            w: wk,
-                            later,
-                            gate: w.gate.filter(|_| k1 == k),
+                // The panels in chunks of at most CHUNK_BYTES of activations, in equal parts;
+                // each chunk runs every block of the unit.
+                let bytes = panels * PANEL * (k1 - k0) * std::mem::size_of::<f32>();
+                let chunk = panels.div_ceil(bytes.div_ceil(CHUNK_BYTES)).max(1);
+                let x_chunks = x.chunks(chunk * PANEL * k);
+                let rows_chunks = rows.chunks_mut(chunk * PANEL);
+                let last = panels.div_ceil(chunk) - 1;
+                for (c, (x, rows)) in x_chunks.zip(rows_chunks).enumerate() {
+                    for b in blocks.clone() {
+                        let wk = w.pass(k0, k1, b);
+                        // What the first pass starts from: the bias, or zeros.
+                        let start = match &w.bias {
+                            Some(bias) => std::array::from_fn(|l| pulp::cast(bias[b][l])),
+                            None => [zero; LANES],
                         };
-                        // A panel of half the tokens or fewer (a short last one) takes half
-                        // the time on half the registers.
-                        if rows.len() > PANEL / 2 {
-                            pass.run::<PANEL>(panel, k, rows);
+                        let first = b * super::BLOCK - origin;
+                        let width = super::BLOCK.min(n - b * super::BLOCK);
+                        // The next weights this thread reads, asked into L2 while these run: a
+                        // share per panel, one row of it every few depth steps (a burst at the
+                        // start of each panel measured ~10 % slower over the tower's shapes: it
+                        // fills the core's miss queue while the panel's own loads wait). The
+                        // unit's next block during the first chunk (later chunks find it in L2),
+                        // the next pass's or unit's first block during the last.
+                        let next: &[Row] = if b + 1 < blocks.end {
+                            if c == 0 {
+                                w.pass(k0, k1, b + 1)
+                            } else {
+                                &[]
+                            }
+                        } else if c < last {
+                            &[]
+                        } else if k1 < k {
+                            w.pass(k1, (k1 + w.depth).min(k), blocks.start)
+                        } else if let Some(then) = then {
+                            w.pass(0, w.depth.min(k), then)
                         } else {
-                            pass.run::<{ PANEL / 2 }>(panel, k, rows);
+                            &[]
+                        };
+                        let share = next.len().div_ceil(rows.len().div_ceil(PANEL).max(1));
+                        let mut ahead = next.chunks(share.max(1));
+                        for (panel, rows) in x.chunks(PANEL * k).zip(rows.chunks_mut(PANEL)) {
+                            let later = ahead.next().unwrap_or(&[]);
+                            let pass = Pass {
+                                simd,
+                                k: k0..k1,
+                                start,
+                                columns: first..first + width,
+                                w: wk,
+                                later,
+                                gate: w.gate.filter(|_| k1 == k),
+                            };
+                            // A panel of half the tokens or fewer (a short last one) takes
+                            // half the time on half the registers.
+                            if rows.len() > PANEL / 2 {
+                                pass.run::<PANEL>(panel, k, rows);
+                            } else {
+                                pass.run::<{ PANEL / 2 }>(panel, k, rows);
+                            }
                         }
                     }
                 }
@@ -1049,7 +1077,7 @@ mod tests {
             return;
         }
         // Tokens around the panel height, depths around one pass (of the default depth or of
-        // 7), widths around a block.
+        // 7), widths around a block, and tokens in several chunks.
         for &(tokens, k, n, depth) in &[
             (1, 1, 1, DEPTH),
             (7, 5, 47, DEPTH),
@@ -1057,6 +1085,8 @@ mod tests {
             (9, 1025, 49, DEPTH),
             (17, 2100, 100, DEPTH),
             (197, 768, 96, DEPTH),
+            // Chunks of tokens (CHUNK_BYTES), in a pass of the default depth and a short one.
+            (200, 1100, 60, DEPTH),
             (9, 15, 49, 7),
             (16, 21, 96, 7),
         ] {
