@@ -50,9 +50,16 @@ const PREFETCH: usize = 20;
 /// 292 × 1024 floats (1.2 MB), which left little of the 2 MB L2 for the block's weights and the
 /// next block's; in chunks of at most 512 KB (three of 13 panels there) the chunk stays in L2
 /// while the unit's blocks (2–6 of 196 KB) are read again from it for each chunk. ViT-L at two
-/// threads, paired runs: 0.981 against 1.050 (6 runs × 4), chunks of 12 panels 0.975 and 1.019
-/// against 1.034 and 1.059 (6 × 4, 5 × 4). ViT-B's shares (99 tokens) fit in one chunk.
+/// threads, four sets of paired runs (23 runs × 4 pairs): median 1.010 against 1.050, 16 of 23
+/// runs faster. Chunks of 1 MB (two of 19 panels): 1.035 against 1.036. ViT-B's shares (99
+/// tokens) fit in one chunk.
 const CHUNK_BYTES: usize = 512 << 10;
+
+/// The most bytes of a unit's weights (at one pass's depths) that are read again for each
+/// chunk: more would not stay in L2 beside the chunk. A product on one thread is one unit of
+/// all its blocks (ViT-B's 768 × 3072: 2.4 MB per pass); chunking it re-read them all from
+/// memory, and ViT-B at one thread went from 0.969 to 1.117 (6 × 6).
+const CHUNK_WEIGHT_BYTES: usize = 1280 << 10;
 
 /// Multiply-adds below which a product runs on the calling thread.
 const MIN_PARALLEL_WORK: usize = 1 << 21;
@@ -731,7 +738,9 @@ fn normalise(expr: &str) -> String {
 
 #[cfg(target_arch = "x86_64")]
 mod kernel {
-    use super::{PackedWeights, Row, BLOCK, CHUNK_BYTES, DEPTH, LANES, PANEL, PREFETCH};
+    use super::{
+        PackedWeights, Row, BLOCK, CHUNK_BYTES, CHUNK_WEIGHT_BYTES, DEPTH, LANES, PANEL, PREFETCH,
+    };
     use pulp::f32x16;
     use pulp::x86::V4;
 
@@ -805,9 +814,16 @@ mod kernel {
             for k0 in (0..k).step_by(w.depth) {
                 let k1 = (k0 + w.depth).min(k);
                 // The panels in chunks of at most CHUNK_BYTES of activations, in equal parts;
-                // each chunk runs every block of the unit.
+                // each chunk runs every block of the unit, whose weights must then stay in L2
+                // as well (a unit of one block gains nothing from chunks).
                 let bytes = panels * PANEL * (k1 - k0) * std::mem::size_of::<f32>();
-                let chunk = panels.div_ceil(bytes.div_ceil(CHUNK_BYTES)).max(1);
+                let weights = blocks.len() * (k1 - k0) * std::mem::size_of::<Row>();
+                let chunks = if blocks.len() > 1 && weights <= CHUNK_WEIGHT_BYTES {
+                    bytes.div_ceil(CHUNK_BYTES)
+                } else {
+                    1
+                };
+                let chunk = panels.div_ceil(chunks).max(1);
                 let x_chunks = x.chunks(chunk * PANEL * k);
                 let rows_chunks = rows.chunks_mut(chunk * PANEL);
                 let last = panels.div_ceil(chunk) - 1;
