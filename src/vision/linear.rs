@@ -53,12 +53,14 @@ const PREFETCH: usize = 20;
 /// threads, four sets of paired runs (23 runs × 4 pairs): median 1.010 against 1.050, 16 of 23
 /// runs faster. Chunks of 1 MB (two of 19 panels): 1.035 against 1.036. ViT-B's shares (99
 /// tokens) fit in one chunk.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const CHUNK_BYTES: usize = 512 << 10;
 
 /// The most bytes of a unit's weights (at one pass's depths) that are read again for each
 /// chunk: more would not stay in L2 beside the chunk. A product on one thread is one unit of
 /// all its blocks (ViT-B's 768 × 3072: 2.4 MB per pass); chunking it re-read them all from
 /// memory, and ViT-B at one thread went from 0.969 to 1.117 (6 × 6).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const CHUNK_WEIGHT_BYTES: usize = 1280 << 10;
 
 /// Multiply-adds below which a product runs on the calling thread.
