@@ -1276,6 +1276,12 @@ mod tests {
         };
         let (want, got) = (run(tracts), run(ours));
         assert_eq!(got.shape(), shape, "{what}");
+        assert_agree(&want, &got, what);
+    }
+
+    /// `got` is tract's `want`, in shape and within 1e-4 in values.
+    fn assert_agree(want: &Tensor, got: &Tensor, what: &str) {
+        assert_eq!(got.shape(), want.shape(), "{what}");
         let (want, got) = (
             want.to_plain_array_view::<f32>().unwrap(),
             got.to_plain_array_view::<f32>().unwrap(),
@@ -1560,18 +1566,9 @@ mod tests {
                 plan.run(tvec!(x.clone().into_tvalue())).unwrap()
             };
             let (want, got) = (run(model), run(ours));
+            assert_eq!(got.len(), want.len(), "{what}: outputs");
             for (want, got) in want.iter().zip(&got) {
-                assert_eq!(got.shape(), want.shape(), "{what}");
-                let (want, got) = (
-                    want.to_plain_array_view::<f32>().unwrap(),
-                    got.to_plain_array_view::<f32>().unwrap(),
-                );
-                for (i, (a, b)) in got.iter().zip(want.iter()).enumerate() {
-                    assert!(
-                        (a - b).abs() < 1e-4,
-                        "{what}: output {i} is {a}, tract's {b}"
-                    );
-                }
+                assert_agree(want, got, &what);
             }
             assert_eq!(got[0].shape(), out, "{what}");
         }
