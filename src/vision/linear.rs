@@ -542,10 +542,10 @@ fn join_concatenated(model: &mut TypedModel) -> TractResult<usize> {
             let Some(linear) = producer.op_as::<Linear>() else {
                 continue 'nodes;
             };
+            // Products of the same activations: their depth is that of the activations.
             let same = parts.first().is_none_or(|first| {
                 first.front == linear.front
                     && first.tokens == linear.tokens
-                    && first.k_n().ok().map(|(k, _)| k) == linear.k_n().ok().map(|(k, _)| k)
                     && model.node(node.inputs[0].node).inputs == producer.inputs
             });
             if !same || sole_reader(model, part.node)?.is_none() {
