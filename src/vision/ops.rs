@@ -16,7 +16,7 @@
 
 use std::sync::{Arc, Mutex, OnceLock};
 
-use super::linear::{keep_spare, spare_or_zero};
+use super::linear::{exp_shifted, keep_spare, spare_or_zero};
 use super::panel::{quick_gelu_into_panel, rows_into_panel, Scale};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
@@ -716,19 +716,28 @@ fn attend(
         values.resize(rows * dv, 0.0);
         let s = MatMut::from_row_major_slice_mut(&mut scores[..], rows, keys);
         matmul(s, Accum::Replace, q, k.transpose(), scale, Par::Seq);
+        // Each row's weights e^(score − its largest) and their sum in one pass where the CPU
+        // allows (AVX-512), else in three: less, exponentials, sums. (Queries in blocks whose
+        // scores stay in L2 measured no faster on ViT-L: 48 to 192 of its 577.)
+        inverse.clear();
         for row in scores.chunks_exact_mut(keys) {
             let max = max8(row);
-            row.iter_mut().for_each(|x| *x -= max);
+            match exp_shifted(row, max) {
+                Some(sum) => inverse.push(1.0 / sum),
+                None => row.iter_mut().for_each(|x| *x -= max),
+            }
         }
-        exp.run(scores)?;
+        if inverse.len() < rows {
+            exp.run(scores)?;
+            inverse.clear();
+            inverse.extend(scores.chunks_exact(keys).map(|w| 1.0 / sum8(w, |x| x)));
+        }
         let s = MatRef::from_row_major_slice(&scores[..], rows, keys);
         let o = MatMut::from_row_major_slice_mut(&mut values[..], rows, dv);
         matmul(o, Accum::Replace, s, v, 1.0, Par::Seq);
         // Normalising the [tokens, dv] output instead of the [tokens, keys] weights: fewer
         // products.
-        let inv = scores
-            .chunks_exact(keys)
-            .map(|weights| 1.0 / sum8(weights, |x| x));
+        let inv = inverse.iter().copied();
         match out {
             HeadOut::Rows(mut out) => {
                 for ((mut row, inv), value) in out
@@ -745,8 +754,6 @@ fn attend(
             }
             HeadOut::Panels(panels, r) => {
                 // Normalised on the way into the panels.
-                inverse.clear();
-                inverse.extend(inv);
                 for ((rows, inv), panel) in values
                     .chunks(r * dv)
                     .zip(inverse.chunks(r))
