@@ -66,14 +66,28 @@ const CHUNK_WEIGHT_BYTES: usize = 1280 << 10;
 /// Multiply-adds below which a product runs on the calling thread.
 const MIN_PARALLEL_WORK: usize = 1 << 21;
 
-/// One weight block's values at one depth: `BLOCK` features.
-type Row = [[f32; 16]; LANES];
+/// One weight block's values at one depth: `BLOCK` features, on cache-line boundaries (each
+/// is three lines: a `Vec` of plain `[[f32; 16]; 3]` started 16 bytes into a line, so that
+/// every one of the kernel's weight loads straddled two lines).
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[repr(C, align(64))]
+struct Row([[f32; 16]; LANES]);
+
+const _: () = assert!(std::mem::size_of::<Row>() == BLOCK * 4);
+
+impl std::ops::Deref for Row {
+    type Target = [[f32; 16]; LANES];
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
 
 /// `values` (at most [`BLOCK`]) as a row, zeros after them.
 fn row_of(values: &[f32]) -> Row {
     let mut row = [[0f32; 16]; LANES];
     row.as_flattened_mut()[..values.len()].copy_from_slice(values);
-    row
+    Row(row)
 }
 
 /// A constant `[k, n]` weight matrix, packed for the kernel.
@@ -951,7 +965,16 @@ mod kernel {
                     *a = load(&row[self.columns.clone()]);
                 }
             }
-            steps(self.simd, self.w, xs, self.later, &mut acc);
+            // In a function of its own (pulp's `vectorize` makes one, compiled for AVX-512):
+            // inlined here, among the loops around it, the step loop kept none of the eight
+            // token rows' pointers in registers and reloaded each from the stack every step.
+            run_steps(Steps {
+                simd: self.simd,
+                w: self.w,
+                x: xs,
+                later: self.later,
+                acc: &mut acc,
+            });
             if let Some(alpha) = self.gate {
                 for a in acc.iter_mut().flatten() {
                     *a = quick_gelu(self.simd, *a, alpha);
@@ -960,6 +983,31 @@ mod kernel {
             for (a, row) in acc.iter().zip(rows.iter_mut()) {
                 store(a, &mut row[self.columns.clone()]);
             }
+        }
+    }
+
+    /// [`steps`] compiled for AVX-512 in a function of its own: this one, not inlined and
+    /// without the target features, cannot take in pulp's (which has them).
+    #[inline(never)]
+    fn run_steps<const R: usize>(steps: Steps<'_, R>) {
+        steps.simd.vectorize(steps);
+    }
+
+    /// [`steps`]' arguments.
+    struct Steps<'a, const R: usize> {
+        simd: V4,
+        w: &'a [Row],
+        x: [&'a [f32]; R],
+        later: &'a [Row],
+        acc: &'a mut [[f32x16; LANES]; R],
+    }
+
+    impl<const R: usize> pulp::NullaryFnOnce for Steps<'_, R> {
+        type Output = ();
+
+        #[inline(always)]
+        fn call(self) {
+            steps(self.simd, self.w, self.x, self.later, self.acc);
         }
     }
 
@@ -975,33 +1023,40 @@ mod kernel {
     ) {
         let depth = w.len();
         let every = (depth / later.len().max(1)).max(1);
-        let mut later = later.iter();
-        let mut countdown = 1;
         let x: [&[f32]; R] = std::array::from_fn(|t| &x[t][..depth]);
         let mut a = *acc;
-        for (d, wd) in w.iter().enumerate() {
-            // Hints: they never fault, whatever the address (past the end included).
-            let ahead = wd.as_ptr().wrapping_add(PREFETCH);
-            for l in 0..LANES {
-                let line = ahead.cast::<[f32; 16]>().wrapping_add(l);
-                simd.sse
-                    ._mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(line.cast());
+        // Runs of `every` steps, one row of `later` asked for before each: the step loop
+        // itself holds nothing but the block's loads and products.
+        let mut d = 0;
+        for run in 0.. {
+            if d >= depth {
+                break;
             }
-            countdown -= 1;
-            if countdown == 0 {
-                countdown = every;
-                for line in later.next().into_iter().flatten() {
+            if let Some(row) = later.get(run) {
+                for line in row.iter() {
                     simd.sse
                         ._mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T1 }>(line.as_ptr().cast());
                 }
             }
-            let wv: [f32x16; LANES] = std::array::from_fn(|l| pulp::cast(wd[l]));
-            for t in 0..R {
-                let b = simd.splat_f32x16(x[t][d]);
+            let end = (d + every).min(depth);
+            for d in d..end {
+                let wd = &w[d];
+                // Hints: they never fault, whatever the address (past the end included).
+                let ahead = wd.as_ptr().wrapping_add(PREFETCH);
                 for l in 0..LANES {
-                    a[t][l] = simd.mul_add_f32x16(wv[l], b, a[t][l]);
+                    let line = ahead.cast::<[f32; 16]>().wrapping_add(l);
+                    simd.sse
+                        ._mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(line.cast());
+                }
+                let wv: [f32x16; LANES] = std::array::from_fn(|l| pulp::cast(wd[l]));
+                for t in 0..R {
+                    let b = simd.splat_f32x16(x[t][d]);
+                    for l in 0..LANES {
+                        a[t][l] = simd.mul_add_f32x16(wv[l], b, a[t][l]);
+                    }
                 }
             }
+            d = end;
         }
         *acc = a;
     }
@@ -1079,7 +1134,7 @@ mod kernel {
     #[inline(always)]
     fn load(src: &[f32]) -> [f32x16; LANES] {
         if let Ok(full) = <&[f32; BLOCK]>::try_from(src) {
-            let row: Row = bytemuck::cast(*full);
+            let row: [[f32; 16]; LANES] = bytemuck::cast(*full);
             return std::array::from_fn(|l| pulp::cast(row[l]));
         }
         let row = super::row_of(src);
@@ -1089,7 +1144,7 @@ mod kernel {
     /// Registers into one row's `BLOCK` (or fewer) outputs.
     #[inline(always)]
     fn store(a: &[f32x16; LANES], dst: &mut [f32]) {
-        let row: Row = std::array::from_fn(|l| pulp::cast(a[l]));
+        let row: [[f32; 16]; LANES] = std::array::from_fn(|l| pulp::cast(a[l]));
         if let Ok(full) = <&mut [f32; BLOCK]>::try_from(&mut *dst) {
             *full = bytemuck::cast(row);
             return;
