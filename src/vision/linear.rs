@@ -3,16 +3,17 @@
 //!
 //! On a core with two 512-bit FMA ports tract's f32 kernels run the tower's products at
 //! ≈ 100 GFLOP/s where onnxruntime's reach ≈ 150 (docs/performance.md). Here the weights are
-//! packed once, at load, into blocks of [`BLOCK`] output features, and each block is multiplied
-//! by every group of [`PANEL`] tokens in turn while its weights are still in the core's cache:
-//! 8 × 48 outputs in 24 vector registers, 3 weight loads and 8 broadcasts per step of the depth,
-//! the activations read in place, the block's own weights asked into L1 a few steps ahead and
-//! the next block's into L2 a row at a time; a thread's tokens go through a unit's blocks in
-//! chunks small enough to stay in L2 ([`CHUNK_BYTES`]). Products deeper than [`DEPTH`] run in
-//! passes of that depth; the threads claim a product's work in units (a group of feature blocks
-//! for one thread's share of the tokens) as they go. A bias add after the product is folded in (the
-//! first pass starts from the bias instead of zeros), and so is a quick-GELU after that (the
-//! last pass gates its outputs in registers before it stores them).
+//! packed once, at load, into blocks of [`BLOCK`] output features (each depth's row of a block
+//! on whole cache lines), and each block is multiplied by every group of [`PANEL`] tokens in
+//! turn while its weights are still in the core's cache: 8 × 48 outputs in 24 vector
+//! registers, 3 weight loads and 8 broadcasts per step of the depth, the activations read in
+//! place, the block's own weights asked into L1 a few steps ahead and the next block's into L2
+//! a row at a time; a thread's tokens go through a unit's blocks in chunks small enough to stay
+//! in L2 ([`CHUNK_BYTES`]). Products deeper than [`DEPTH`] run in passes of that depth; the
+//! threads claim a product's work in units (a group of feature blocks for one thread's share
+//! of the tokens, smaller towards the end of the share) as they go. A bias add after the
+//! product is folded in (the first pass starts from the bias instead of zeros), and so is a
+//! quick-GELU after that (the last pass gates its outputs in registers before it stores them).
 //!
 //! [`take_products`] replaces tract's product where the kernel applies (a CPU with AVX-512 and
 //! two FMA ports, an f32 `x[…, t, k] · W[k, n]` with W constant, and the constant bias add and
