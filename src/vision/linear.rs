@@ -1355,7 +1355,6 @@ mod tests {
         }
     }
 
-    /// Activations `[1, tokens, k]`, the same for every test.
     #[test]
     fn the_shifted_exponentials_and_their_sum_match_f64() {
         let Some(_) = kernel::available() else {
@@ -1396,6 +1395,11 @@ mod tests {
             let ranges = groups(blocks, group);
             let sizes: Vec<usize> = ranges.iter().map(|r| r.len()).collect();
             assert_eq!(
+                ranges.first().map_or(0, |r| r.start),
+                0,
+                "{blocks} in {group}s"
+            );
+            assert_eq!(
                 sizes.iter().sum::<usize>(),
                 blocks,
                 "{blocks} in {group}s: {ranges:?}"
@@ -1427,6 +1431,7 @@ mod tests {
         assert_eq!(groups(22, 2).last(), Some(&(21..22)));
     }
 
+    /// Activations `[1, tokens, k]`, the same for every test.
     fn tokens_input(tokens: usize, k: usize) -> Tensor {
         tract_ndarray::Array3::from_shape_vec((1, tokens, k), values(tokens * k, 9))
             .unwrap()

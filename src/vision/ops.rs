@@ -717,8 +717,8 @@ fn attend(
         let s = MatMut::from_row_major_slice_mut(&mut scores[..], rows, keys);
         matmul(s, Accum::Replace, q, k.transpose(), scale, Par::Seq);
         // Each row's weights e^(score − its largest) and their sum in one pass where the CPU
-        // allows (AVX-512), else in three: less, exponentials, sums. (Queries in blocks whose
-        // scores stay in L2 measured no faster on ViT-L: 48 to 192 of its 577.)
+        // allows (AVX-512), else in three: subtraction, exponentials, sums. (Queries in blocks
+        // whose scores stay in L2 measured no faster on ViT-L: 48 to 192 of its 577.)
         inverse.clear();
         for row in scores.chunks_exact_mut(keys) {
             let max = max8(row);
