@@ -35,7 +35,8 @@ if [ ! -f "$SRC/CMakeLists.txt" ]; then
     "$VENV/bin/pip" download -q --no-binary :all: --no-deps -d "$tmp" "llama-cpp-python==$LLAMA_CPP_PYTHON"
     tar -xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp"
     rm -rf "$CACHE/llama-cpp-python-$LLAMA_CPP_PYTHON"
-    mv "$tmp/llama_cpp_python-$LLAMA_CPP_PYTHON" "$CACHE/"
+    # The archive's folder is named with underscores (PEP 625); SRC above has the hyphens.
+    mv "$tmp/llama_cpp_python-$LLAMA_CPP_PYTHON" "$CACHE/llama-cpp-python-$LLAMA_CPP_PYTHON"
     rm -rf "$tmp"
 fi
 build_bench() { # $1 = build dir, $2 = GGML_NATIVE, $3 = llama.cpp source (default: the sdist's)
