@@ -89,21 +89,31 @@ done
 "$VENV/bin/python" - "$OUT" "$PROMPT" "$GEN" <<'EOF'
 import glob, json, statistics, sys, os
 out, p, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-def llama(tag):
-    pp, tg = [], []
-    for f in sorted(glob.glob(f"{out}/{tag}-*.json")):
-        for r in json.load(open(f)):
-            (pp if r["n_prompt"] > 0 else tg).append(r["avg_ts"])
-    return pp, tg
-ours_pp, ours_tg = [], []
-for f in sorted(glob.glob(f"{out}/ours-*.json")):
-    r = json.load(open(f)); ours_pp.append(r["pp_tokens_per_s"]); ours_tg.append(r["tg_tokens_per_s"])
 m = statistics.median
-print(f"\n| runner | pp{p} t/s | tg{n} t/s | ours / runner (pp, tg) |")
-print("| --- | ---: | ---: | ---: |")
-print(f"| posegpt-edge bench-llm | {m(ours_pp):.1f} | {m(ours_tg):.1f} | |")
+def rounds(tag):
+    """(pp, tg) t/s per round, by round number."""
+    got = {}
+    for f in glob.glob(f"{out}/{tag}-*.json"):
+        r = int(f.rsplit("-", 1)[1].removesuffix(".json"))
+        d = json.load(open(f))
+        if tag == "ours":
+            got[r] = (d["pp_tokens_per_s"], d["tg_tokens_per_s"])
+        else:
+            got[r] = (next(x["avg_ts"] for x in d if x["n_prompt"] > 0),
+                      next(x["avg_ts"] for x in d if x["n_prompt"] == 0))
+    return got
+ours = rounds("ours")
+print(f"\n| runner | pp{p} t/s | tg{n} t/s | ours / runner (pp, tg): median of the rounds' ratios (range) |")
+print("| --- | ---: | ---: | --- |")
+print(f"| posegpt-edge bench-llm | {m(v[0] for v in ours.values()):.1f} | {m(v[1] for v in ours.values()):.1f} | |")
+# Each round runs every runner once, back to back: a round's ratio compares runs of the same
+# minutes, which this kind of shared machine needs (its speed moves between minutes).
 for tag in sorted({os.path.basename(f).rsplit('-', 1)[0] for f in glob.glob(f"{out}/llama-bench-*.json")}):
-    pp, tg = llama(tag)
-    print(f"| llama-bench ({tag.removeprefix('llama-bench-')}) | {m(pp):.1f} | {m(tg):.1f} | "
-          f"{m(ours_pp) / m(pp):.3f}, {m(ours_tg) / m(tg):.3f} |")
+    theirs = rounds(tag)
+    both = sorted(set(ours) & set(theirs))
+    pp = [ours[r][0] / theirs[r][0] for r in both]
+    tg = [ours[r][1] / theirs[r][1] for r in both]
+    print(f"| llama-bench ({tag.removeprefix('llama-bench-')}) | {m(v[0] for v in theirs.values()):.1f} | "
+          f"{m(v[1] for v in theirs.values()):.1f} | {m(pp):.3f} ({min(pp):.3f}–{max(pp):.3f}), "
+          f"{m(tg):.3f} ({min(tg):.3f}–{max(tg):.3f}) |")
 EOF
