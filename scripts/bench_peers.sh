@@ -9,13 +9,13 @@
 #                                     # compiled against it: same ggml code as ours)
 #   NATIVE=1 scripts/bench_peers.sh   # ... and also with GGML_NATIVE=ON, to show what CPU
 #                                     # features are worth
-# Environment: THREADS (default 2), PROMPT (512), GEN (128), ROUNDS (3), CACHE, VENV.
+# Environment: THREADS (default 2), PROMPT (512), GEN (128), ROUNDS (10), CACHE, VENV.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${THREADS:-2}
 PROMPT=${PROMPT:-512}
 GEN=${GEN:-128}
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-10}
 CACHE=${CACHE:-$HOME/.cache/posegpt-edge}
 VENV=${VENV:-$CACHE/bench-venv}
 LLAMA_CPP_PYTHON=0.3.36   # the llama.cpp whose tools are built (same pin as the converter)
@@ -77,43 +77,56 @@ echo "runtime llama.cpp: llama-cpp-sys-2 $SYS2's; llama-bench: llama-cpp-python 
     "(crate-opts, native) and llama-cpp-sys-2 $SYS2's (same-llama-cpp)"
 
 OUT=$(mktemp -d)
+RUNNERS=("${BENCHES[@]}" ours)
+n=${#RUNNERS[@]}
 for round in $(seq 1 "$ROUNDS"); do
     echo "-- round $round/$ROUNDS"
-    for b in "${BENCHES[@]}"; do
-        tag=$(basename "$(dirname "$(dirname "$b")")")
-        "$b" -m "$GGUF" -t "$THREADS" -p "$PROMPT" -n "$GEN" -r 1 -fa 1 -o json 2>/dev/null >"$OUT/$tag-$round.json"
+    # Each test on its own (llama-bench runs pp and tg as separate tests), every runner once, the
+    # order rotating from round to round so that no runner always comes first or last: runs of a
+    # few seconds, back to back, compare the same minutes of a machine whose speed moves.
+    for test in pp tg; do
+        if [ $test = pp ]; then p=$PROMPT g=0; else p=0 g=$GEN; fi
+        for k in $(seq 0 $((n - 1))); do
+            b=${RUNNERS[$(((k + round) % n))]}
+            if [ "$b" = ours ]; then
+                RUST_LOG=warn "$OURS" bench-llm --gguf "$GGUF" -t "$THREADS" -p $p -n $g -r 1 --json \
+                    >"$OUT/ours-$test-$round.json"
+            else
+                tag=$(basename "$(dirname "$(dirname "$b")")")
+                "$b" -m "$GGUF" -t "$THREADS" -p $p -n $g -r 1 -fa 1 -o json 2>/dev/null \
+                    >"$OUT/$tag-$test-$round.json"
+            fi
+        done
     done
-    RUST_LOG=warn "$OURS" bench-llm --gguf "$GGUF" -t "$THREADS" -p "$PROMPT" -n "$GEN" -r 1 --json >"$OUT/ours-$round.json"
 done
 
 "$VENV/bin/python" - "$OUT" "$PROMPT" "$GEN" <<'EOF'
-import glob, json, statistics, sys, os
+import glob, json, os, random, statistics, sys
 out, p, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 m = statistics.median
-def rounds(tag):
-    """(pp, tg) t/s per round, by round number."""
+def rounds(tag, test):
+    """t/s per round, by round number."""
     got = {}
-    for f in glob.glob(f"{out}/{tag}-*.json"):
+    for f in glob.glob(f"{out}/{tag}-{test}-*.json"):
         r = int(f.rsplit("-", 1)[1].removesuffix(".json"))
         d = json.load(open(f))
-        if tag == "ours":
-            got[r] = (d["pp_tokens_per_s"], d["tg_tokens_per_s"])
-        else:
-            got[r] = (next(x["avg_ts"] for x in d if x["n_prompt"] > 0),
-                      next(x["avg_ts"] for x in d if x["n_prompt"] == 0))
+        got[r] = d[f"{test}_tokens_per_s"] if tag == "ours" else d[0]["avg_ts"]
     return got
-ours = rounds("ours")
-print(f"\n| runner | pp{p} t/s | tg{n} t/s | ours / runner (pp, tg): median of the rounds' ratios (range) |")
-print("| --- | ---: | ---: | --- |")
-print(f"| posegpt-edge bench-llm | {m(v[0] for v in ours.values()):.1f} | {m(v[1] for v in ours.values()):.1f} | |")
-# Each round runs every runner once, back to back: a round's ratio compares runs of the same
-# minutes, which this kind of shared machine needs (its speed moves between minutes).
-for tag in sorted({os.path.basename(f).rsplit('-', 1)[0] for f in glob.glob(f"{out}/llama-bench-*.json")}):
-    theirs = rounds(tag)
-    both = sorted(set(ours) & set(theirs))
-    pp = [ours[r][0] / theirs[r][0] for r in both]
-    tg = [ours[r][1] / theirs[r][1] for r in both]
-    print(f"| llama-bench ({tag.removeprefix('llama-bench-')}) | {m(v[0] for v in theirs.values()):.1f} | "
-          f"{m(v[1] for v in theirs.values()):.1f} | {m(pp):.3f} ({min(pp):.3f}–{max(pp):.3f}), "
-          f"{m(tg):.3f} ({min(tg):.3f}–{max(tg):.3f}) |")
+def summary(ratios):
+    """Median of the rounds' ratios, a bootstrap 95 % interval of that median, the range."""
+    rng = random.Random(1)
+    boot = sorted(m(rng.choices(ratios, k=len(ratios))) for _ in range(2000))
+    return f"{m(ratios):.3f} [{boot[50]:.3f}–{boot[1949]:.3f}] ({min(ratios):.3f}–{max(ratios):.3f})"
+ours = {t: rounds("ours", t) for t in ("pp", "tg")}
+print(f"\n| runner | pp{p} t/s | tg{n} t/s | ours / runner, pp{p} | tg{n} |")
+print("| --- | ---: | ---: | --- | --- |")
+print(f"| posegpt-edge bench-llm | {m(ours['pp'].values()):.1f} | {m(ours['tg'].values()):.1f} | | |")
+# Each ratio compares the two runners' runs of one round (seconds apart).
+for tag in sorted({os.path.basename(f).rsplit("-", 2)[0] for f in glob.glob(f"{out}/llama-bench-*.json")}):
+    theirs = {t: rounds(tag, t) for t in ("pp", "tg")}
+    cells = [summary([ours[t][r] / theirs[t][r] for r in sorted(set(ours[t]) & set(theirs[t]))])
+             for t in ("pp", "tg")]
+    print(f"| llama-bench ({tag.removeprefix('llama-bench-')}) | {m(theirs['pp'].values()):.1f} | "
+          f"{m(theirs['tg'].values()):.1f} | {cells[0]} | {cells[1]} |")
+print(f"\nRatios: the median of {len(ours['tg'])} rounds' ratios [bootstrap 95 % interval of that median] (range).")
 EOF

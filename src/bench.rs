@@ -222,9 +222,13 @@ pub struct LlmBench {
     pub tg_runs: Vec<f64>,
 }
 
-/// llama-bench's two tests on our LLM layer: `pp` decodes `n_prompt` random tokens as one
-/// prompt from an empty cache; `tg` decodes `n_gen` tokens one at a time from an empty cache
-/// (the first is BOS, the rest random). Medians over `repetitions` after one warm-up each.
+/// llama-bench's two tests on our LLM layer, run as llama-bench runs them: each test in a context
+/// of its own, sized to the test (llama-bench sizes a test's context as prompt plus generation
+/// length, and pp and tg are separate tests). `pp` decodes `n_prompt` random tokens as one prompt
+/// from an empty cache, after one untimed run of the same; `tg` decodes `n_gen` tokens one at a
+/// time from an empty cache (the first is BOS, the rest random), after one untimed token.
+/// Medians over `repetitions`. Keeping llama-bench's order and warm-ups matters on a machine
+/// whose speed changes under sustained load: a longer warm-up would measure a hotter machine.
 pub fn llm_bench(
     gguf: &Path,
     model_params: &ModelParams,
@@ -238,15 +242,18 @@ pub fn llm_bench(
         Model::load(gguf, model_params)
             .with_context(|| format!("cannot load {}", gguf.display()))?,
     );
-    let params = SessionParams {
-        // As llama-bench sizes its context: prompt plus generation.
-        n_ctx: (n_prompt + n_gen).max(1) as u32,
-        n_batch: 2048,
-        n_threads: threads as i32,
-        n_threads_batch: threads as i32,
-        exact: false,
+    let session = |n_ctx: usize| {
+        Session::new(
+            model.clone(),
+            &SessionParams {
+                n_ctx: n_ctx.max(1) as u32,
+                n_batch: 2048,
+                n_threads: threads as i32,
+                n_threads_batch: threads as i32,
+                exact: false,
+            },
+        )
     };
-    let mut session = Session::new(model.clone(), &params)?;
     let n_vocab = model.n_vocab() as u64;
     // A fixed pseudo-random token stream (llama-bench uses rand()).
     let mut state = 0x2545_F491_4F6C_DD1Du64;
@@ -258,35 +265,39 @@ pub fn llm_bench(
     };
     let mut pp_runs = Vec::new();
     let mut tg_runs = Vec::new();
-    for rep in 0..=repetitions {
-        if n_prompt > 0 {
+    if n_prompt > 0 {
+        let mut s = session(n_prompt)?;
+        for rep in 0..=repetitions {
             let tokens: Vec<Token> = (0..n_prompt).map(|_| random_token()).collect();
-            session.clear();
+            s.clear();
             let t = Instant::now();
-            session.prefill(&[Segment::Tokens(&tokens)], false)?;
-            let s = t.elapsed().as_secs_f64();
+            s.prefill(&[Segment::Tokens(&tokens)], false)?;
+            let secs = t.elapsed().as_secs_f64();
             if rep > 0 {
-                pp_runs.push(n_prompt as f64 / s);
+                pp_runs.push(n_prompt as f64 / secs);
             }
+            progress(&if rep == 0 {
+                "pp warm-up done".to_string()
+            } else {
+                format!("pp repetition {rep}/{repetitions}")
+            });
         }
-        if n_gen > 0 {
-            session.clear();
+    }
+    if n_gen > 0 {
+        let mut s = session(n_gen)?;
+        // The warm-up: one token, as llama-bench's.
+        s.push_token(model.bos(), false)?;
+        for rep in 1..=repetitions {
+            s.clear();
             let mut token = model.bos();
             let t = Instant::now();
             for _ in 0..n_gen {
-                session.push_token(token, false)?;
+                s.push_token(token, false)?;
                 token = random_token();
             }
-            let s = t.elapsed().as_secs_f64();
-            if rep > 0 {
-                tg_runs.push(n_gen as f64 / s);
-            }
+            tg_runs.push(n_gen as f64 / t.elapsed().as_secs_f64());
+            progress(&format!("tg repetition {rep}/{repetitions}"));
         }
-        progress(&if rep == 0 {
-            "warm-up done".to_string()
-        } else {
-            format!("repetition {rep}/{repetitions}")
-        });
     }
     let median = |xs: &[f64]| {
         let mut v = xs.to_vec();
