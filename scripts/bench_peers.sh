@@ -130,3 +130,4 @@ for tag in sorted({os.path.basename(f).rsplit("-", 2)[0] for f in glob.glob(f"{o
           f"{m(theirs['tg'].values()):.1f} | {cells[0]} | {cells[1]} |")
 print(f"\nRatios: the median of {len(ours['tg'])} rounds' ratios [bootstrap 95 % interval of that median] (range).")
 EOF
+echo "Each run's JSON: $OUT"

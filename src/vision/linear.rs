@@ -332,11 +332,16 @@ pub(crate) fn keep_spare(x: TValue) {
     spares.push(t);
 }
 
-/// `row[i] = e^(row[i] − shift)` in place and their sum, in one pass, where the CPU has
-/// AVX-512 (`None` elsewhere, the row untouched). Below `shift − 86` the values come out as
-/// `e^−86` rather than smaller (no subnormals; see the quick-GELU's clamp).
-pub(crate) fn exp_shifted(row: &mut [f32], shift: f32) -> Option<f32> {
-    kernel::available().map(|simd| kernel::exp_shifted(simd, row, shift))
+/// A softmax's numerators and denominators in one pass per row, where the CPU has AVX-512: each
+/// `width`-wide row of `scores` becomes `e^(x − the row's largest)` in place, and the inverse
+/// of each row's sum is pushed onto `inverse`. Elsewhere `false`, nothing touched. Values more
+/// than 86 below their row's largest come out as `e^−86` rather than smaller (no subnormals;
+/// see the quick-GELU's clamp).
+pub(crate) fn softmax_numerators(scores: &mut [f32], width: usize, inverse: &mut Vec<f32>) -> bool {
+    kernel::available().is_some_and(|simd| {
+        kernel::softmax_numerators(simd, scores, width, inverse);
+        true
+    })
 }
 
 /// `out[t, n] = Σ_k x[t, k] · W[k, n]` for `tokens` rows of `x`, on tract's threads.
@@ -1027,7 +1032,9 @@ mod kernel {
         let x: [&[f32]; R] = std::array::from_fn(|t| &x[t][..depth]);
         let mut a = *acc;
         // Runs of `every` steps, one row of `later` asked for before each: the step loop
-        // itself holds nothing but the block's loads and products.
+        // itself holds nothing but the block's loads and products. (Each run's end is a variable
+        // of its own: written as `(0..depth).step_by(every)` and `start..(start +
+        // every).min(depth)`, the compiler recomputed that minimum on every step.)
         let mut d = 0;
         for run in 0.. {
             if d >= depth {
@@ -1094,41 +1101,74 @@ mod kernel {
         pulp::cast(simd.avx512f._mm512_scalef_ps(pulp::cast(p), pulp::cast(m)))
     }
 
-    /// `row[i] = e^(row[i] − shift)` in place, returning their sum: a softmax's numerators and
-    /// denominator in one pass over the row.
-    pub fn exp_shifted(simd: V4, row: &mut [f32], shift: f32) -> f32 {
-        simd.vectorize(ExpShifted { simd, row, shift })
+    /// [`super::softmax_numerators`]: one entry into AVX-512 code for all the rows.
+    pub fn softmax_numerators(simd: V4, scores: &mut [f32], width: usize, inverse: &mut Vec<f32>) {
+        simd.vectorize(SoftmaxNumerators {
+            simd,
+            scores,
+            width,
+            inverse,
+        })
     }
 
-    struct ExpShifted<'a> {
+    struct SoftmaxNumerators<'a> {
         simd: V4,
-        row: &'a mut [f32],
-        shift: f32,
+        scores: &'a mut [f32],
+        width: usize,
+        inverse: &'a mut Vec<f32>,
     }
 
-    impl pulp::NullaryFnOnce for ExpShifted<'_> {
-        type Output = f32;
+    impl pulp::NullaryFnOnce for SoftmaxNumerators<'_> {
+        type Output = ();
 
         // Inlined into `vectorize`, so that it is compiled with AVX-512 enabled.
         #[inline(always)]
-        fn call(self) -> f32 {
-            let ExpShifted { simd, row, shift } = self;
-            let (lanes, tail) = pulp::as_arrays_mut::<16, f32>(row);
-            let minus = simd.splat_f32x16(-shift);
-            // Two sums, so that consecutive adds do not wait on each other.
-            let mut sums = [simd.splat_f32x16(0.0); 2];
-            for (i, lane) in lanes.iter_mut().enumerate() {
-                let e = exp(simd, simd.add_f32x16(pulp::cast(*lane), minus));
-                sums[i % 2] = simd.add_f32x16(sums[i % 2], e);
-                *lane = pulp::cast(e);
+        fn call(self) {
+            let SoftmaxNumerators {
+                simd,
+                scores,
+                width,
+                inverse,
+            } = self;
+            for row in scores.chunks_exact_mut(width.max(1)) {
+                let sum = exp_shifted(simd, row, largest(simd, row));
+                inverse.push(1.0 / sum);
             }
-            let sum: [f32; 16] = pulp::cast(simd.add_f32x16(sums[0], sums[1]));
-            let mut last = [-f32::INFINITY; 16];
-            last[..tail.len()].copy_from_slice(tail);
-            let e: [f32; 16] = pulp::cast(exp(simd, simd.add_f32x16(pulp::cast(last), minus)));
-            tail.copy_from_slice(&e[..tail.len()]);
-            sum.iter().sum::<f32>() + e[..tail.len()].iter().sum::<f32>()
         }
+    }
+
+    /// The largest of `row` (−∞ for none).
+    #[inline(always)]
+    fn largest(simd: V4, row: &[f32]) -> f32 {
+        let (lanes, tail) = pulp::as_arrays::<16, f32>(row);
+        let mut m = simd.splat_f32x16(f32::NEG_INFINITY);
+        for lane in lanes {
+            m = simd.max_f32x16(m, pulp::cast(*lane));
+        }
+        let m: [f32; 16] = pulp::cast(m);
+        m.iter()
+            .chain(tail)
+            .fold(f32::NEG_INFINITY, |a, &x| a.max(x))
+    }
+
+    /// `row[i] = e^(row[i] − shift)` in place, returning their sum.
+    #[inline(always)]
+    fn exp_shifted(simd: V4, row: &mut [f32], shift: f32) -> f32 {
+        let (lanes, tail) = pulp::as_arrays_mut::<16, f32>(row);
+        let minus = simd.splat_f32x16(-shift);
+        // Two sums, so that consecutive adds do not wait on each other.
+        let mut sums = [simd.splat_f32x16(0.0); 2];
+        for (i, lane) in lanes.iter_mut().enumerate() {
+            let e = exp(simd, simd.add_f32x16(pulp::cast(*lane), minus));
+            sums[i % 2] = simd.add_f32x16(sums[i % 2], e);
+            *lane = pulp::cast(e);
+        }
+        let sum: [f32; 16] = pulp::cast(simd.add_f32x16(sums[0], sums[1]));
+        let mut last = [-f32::INFINITY; 16];
+        last[..tail.len()].copy_from_slice(tail);
+        let e: [f32; 16] = pulp::cast(exp(simd, simd.add_f32x16(pulp::cast(last), minus)));
+        tail.copy_from_slice(&e[..tail.len()]);
+        sum.iter().sum::<f32>() + e[..tail.len()].iter().sum::<f32>()
     }
 
     /// One row's `BLOCK` (or fewer, zero-filled) outputs as registers.
@@ -1181,7 +1221,7 @@ mod kernel {
         match simd {}
     }
 
-    pub fn exp_shifted(simd: Never, _: &mut [f32], _: f32) -> f32 {
+    pub fn softmax_numerators(simd: Never, _: &mut [f32], _: usize, _: &mut Vec<f32>) {
         match simd {}
     }
 }
@@ -1356,36 +1396,54 @@ mod tests {
     }
 
     #[test]
-    fn the_shifted_exponentials_and_their_sum_match_f64() {
+    fn softmax_numerators_and_their_sums_match_f64() {
+        let mut inverse = vec![];
         let Some(_) = kernel::available() else {
             // Without AVX-512 there is nothing to run, and the callers take their other path.
-            assert!(exp_shifted(&mut [1.0], 0.0).is_none());
+            let mut scores = [1.0, 2.0];
+            assert!(!softmax_numerators(&mut scores, 2, &mut inverse));
+            assert_eq!((scores, inverse.len()), ([1.0, 2.0], 0));
             return;
         };
-        for len in [0, 1, 15, 16, 17, 33, 577] {
-            // Scores from 100 below the shift (past the clamp at 86) to 10 above it.
-            let row: Vec<f32> = values(len, len as u64 + 5)
+        for (width, rows) in [(1, 3), (15, 2), (16, 1), (17, 4), (33, 3), (577, 2), (0, 0)] {
+            // Scores over 110 (past the clamp at 86 below a row's largest), the largest
+            // anywhere in a row (the tail included).
+            let scores: Vec<f32> = values(width * rows, (width + rows) as u64 + 5)
                 .iter()
                 .map(|v| 55.0 * v - 45.0)
                 .collect();
-            let shift = 3.25;
-            let mut got = row.clone();
-            let sum = exp_shifted(&mut got, shift).unwrap();
-            let mut want_sum = 0.0;
-            assert_eq!(got.len(), len);
-            for (i, (&x, &e)) in row.iter().zip(&got).enumerate() {
-                // Against e^ of the f32 difference: what the f32 subtraction gives is the input.
-                let want = ((x - shift) as f64).exp();
-                want_sum += want;
+            let mut got = scores.clone();
+            inverse.clear();
+            assert!(softmax_numerators(&mut got, width, &mut inverse));
+            assert_eq!((got.len(), inverse.len()), (width * rows, rows));
+            for (r, (row, e_row)) in scores
+                .chunks_exact(width.max(1))
+                .zip(got.chunks_exact(width.max(1)))
+                .enumerate()
+            {
+                let max = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+                let mut want_sum = 0.0;
+                for (i, (&x, &e)) in row.iter().zip(e_row).enumerate() {
+                    // e^ of the f32 difference: what the f32 subtraction gives is the input.
+                    let d = x - max;
+                    let want = if d < -86.0 {
+                        (-86f64).exp()
+                    } else {
+                        (d as f64).exp()
+                    };
+                    want_sum += want;
+                    assert!(
+                        (e as f64 - want).abs() <= 2e-7 * want + 1e-37,
+                        "width {width}, row {r}: e^({x} - {max}) at {i} is {e}, want {want}"
+                    );
+                }
+                let want = 1.0 / want_sum;
                 assert!(
-                    (e as f64 - want).abs() <= 2e-7 * want + 1e-37,
-                    "length {len}: e^({x} - {shift}) at {i} is {e}, want {want}"
+                    (inverse[r] as f64 - want).abs() <= 1e-6 * want,
+                    "width {width}, row {r}: 1 / sum {}, want {want}",
+                    inverse[r]
                 );
             }
-            assert!(
-                (sum as f64 - want_sum).abs() <= 1e-6 * want_sum + 1e-37,
-                "length {len}: sum {sum}, want {want_sum}"
-            );
         }
     }
 

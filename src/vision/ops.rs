@@ -16,7 +16,7 @@
 
 use std::sync::{Arc, Mutex, OnceLock};
 
-use super::linear::{exp_shifted, keep_spare, spare_or_zero};
+use super::linear::{keep_spare, softmax_numerators, spare_or_zero};
 use super::panel::{quick_gelu_into_panel, rows_into_panel, Scale};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
@@ -720,16 +720,12 @@ fn attend(
         // allows (AVX-512), else in three: subtraction, exponentials, sums. (Queries in blocks
         // whose scores stay in L2 measured no faster on ViT-L: 48 to 192 of its 577.)
         inverse.clear();
-        for row in scores.chunks_exact_mut(keys) {
-            let max = max8(row);
-            match exp_shifted(row, max) {
-                Some(sum) => inverse.push(1.0 / sum),
-                None => row.iter_mut().for_each(|x| *x -= max),
+        if !softmax_numerators(scores, keys, inverse) {
+            for row in scores.chunks_exact_mut(keys) {
+                let max = max8(row);
+                row.iter_mut().for_each(|x| *x -= max);
             }
-        }
-        if inverse.len() < rows {
             exp.run(scores)?;
-            inverse.clear();
             inverse.extend(scores.chunks_exact(keys).map(|w| 1.0 / sum8(w, |x| x)));
         }
         let s = MatRef::from_row_major_slice(&scores[..], rows, keys);
