@@ -683,7 +683,9 @@ fn next_product(model: &TypedModel) -> TractResult<Option<Found>> {
             continue;
         };
         let x_fact = model.outlet_fact(x)?;
+        // A product of depth 0 is its bias alone, which the kernel's passes never write: tract's.
         if weights.rank() != 2
+            || weights.shape()[0] == 0
             || weights.datum_type() != f32::datum_type()
             || x_fact.datum_type != f32::datum_type()
             || x_fact.rank() < 2
@@ -1574,6 +1576,14 @@ mod tests {
             .unwrap();
         model.select_output_outlets(&y).unwrap();
         model
+    }
+
+    #[test]
+    fn a_product_of_depth_zero_is_left_to_tract() {
+        // Its output is its bias alone (or zeros), which the kernel's passes never write.
+        let model = product_model("mk,kn->mn", &[5, 0], 0, 8);
+        let mut ours = model.clone();
+        assert_eq!(take_products_here(&mut ours).unwrap(), 0);
     }
 
     #[test]
