@@ -169,8 +169,20 @@ pub fn pose_bench(
     // network; llama.cpp: prefill), frame by frame, then its median. (The medians of the
     // stages, subtracted, would count the engines' noise as overhead: a sum's median is not the
     // sum of the medians when the times are skewed, as on a shared machine.)
-    let [encoder, prefill, network, total, inference] =
-        [2, 3, 5, 8, 9].map(|k| stages[k].as_slice());
+    let times = |name: &str| {
+        names
+            .iter()
+            .position(|n| *n == name)
+            .map_or(&[][..], |k| stages[k].as_slice())
+    };
+    let [encoder, prefill, network, total, inference] = [
+        "vision encoder",
+        "LLM prefill",
+        HEAD_NETWORK,
+        "frame total",
+        INFERENCE_THREAD,
+    ]
+    .map(times);
     let share = |whole: &[f64]| {
         let mut shares: Vec<f64> = (0..whole.len())
             .filter(|&i| whole[i] > 0.0)

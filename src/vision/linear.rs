@@ -1408,8 +1408,8 @@ mod tests {
             return;
         };
         for (width, rows) in [(1, 3), (15, 2), (16, 1), (17, 4), (33, 3), (577, 2), (0, 0)] {
-            // Scores over 110 (past the clamp at 86 below a row's largest), the largest
-            // anywhere in a row (the tail included).
+            // Scores spread over 110 (past the clamp at 86 below a row's largest); rows whose
+            // width is not a multiple of 16 have a tail past their whole lanes.
             let scores: Vec<f32> = values(width * rows, (width + rows) as u64 + 5)
                 .iter()
                 .map(|v| 55.0 * v - 45.0)
