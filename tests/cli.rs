@@ -289,18 +289,8 @@ fn bench_reports_every_stage_and_bench_llm_reports_pp_and_tg() {
     assert!(v["pp_tokens_per_s"].as_f64().unwrap() > 0.0);
     assert!(v["tg_tokens_per_s"].as_f64().unwrap() > 0.0);
     // One test alone, as scripts/bench_peers.sh runs them (llama-bench's -n 0 / -p 0).
-    let v = json(&run(&[
-        "bench-llm",
-        "--gguf",
-        "models/test-tiny/llm.gguf",
-        "-p",
-        "0",
-        "-n",
-        "4",
-        "-r",
-        "3",
-        "--json",
-    ]));
+    let args = "bench-llm --gguf models/test-tiny/llm.gguf -p 0 -n 4 -r 3 --json";
+    let v = json(&run(&args.split(' ').collect::<Vec<_>>()));
     assert_eq!(v["pp_runs"].as_array().unwrap().len(), 0);
     assert_eq!(v["tg_runs"].as_array().unwrap().len(), 3);
     assert!(v["tg_tokens_per_s"].as_f64().unwrap() > 0.0);
