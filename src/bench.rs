@@ -170,10 +170,8 @@ pub fn pose_bench(
     // stages, subtracted, would count the engines' noise as overhead: a sum's median is not the
     // sum of the medians when the times are skewed, as on a shared machine.)
     let times = |name: &str| {
-        names
-            .iter()
-            .position(|n| *n == name)
-            .map_or(&[][..], |k| stages[k].as_slice())
+        let k = names.iter().position(|n| *n == name);
+        stages[k.expect("a stage named above")].as_slice()
     };
     let [encoder, prefill, network, total, inference] = [
         "vision encoder",

@@ -116,8 +116,11 @@ impl PackedWeights {
         Self::with_depth(w, k, n, DEPTH)
     }
 
-    /// Pack a row-major `[k, n]` matrix for passes `depth` long.
+    /// Pack a row-major `[k, n]` matrix for passes `depth` long. `k` is at least 1: the
+    /// kernel's passes start from the bias and add the products, so a product of depth 0 (its
+    /// bias alone) would never be written; the planner leaves those to tract.
     pub fn with_depth(w: &[f32], k: usize, n: usize, depth: usize) -> Self {
+        assert!(k > 0, "a product of depth 0");
         assert_eq!(w.len(), k * n, "a {k}×{n} matrix");
         assert!(depth > 0 && depth <= DEPTH, "passes of 1..={DEPTH}");
         let blocks = n.div_ceil(BLOCK);
@@ -683,7 +686,7 @@ fn next_product(model: &TypedModel) -> TractResult<Option<Found>> {
             continue;
         };
         let x_fact = model.outlet_fact(x)?;
-        // A product of depth 0 is its bias alone, which the kernel's passes never write: tract's.
+        // A product of depth 0 is its bias alone, which the kernel does not take: tract's.
         if weights.rank() != 2
             || weights.shape()[0] == 0
             || weights.datum_type() != f32::datum_type()
@@ -859,7 +862,7 @@ mod kernel {
                 then,
             } = self;
             let (k, n) = (w.k, w.n);
-            if k == 0 || blocks.is_empty() {
+            if blocks.is_empty() {
                 return;
             }
             let zero = simd.splat_f32x16(0.0);
