@@ -29,7 +29,7 @@ echo "== Python packages (scripts/requirements-bench.txt)"
 "$VENV/bin/pip" install -q -r scripts/requirements-bench.txt
 echo "== towers with random weights -> $OUT"
 # A tower is exported again when the export scripts changed since it was written.
-stamp=$(cat scripts/make_vision_towers.py scripts/convert_chatpose.py | sha256sum | cut -c1-16)
+stamp=$(cat scripts/make_vision_towers.py scripts/vision_export.py | sha256sum | cut -c1-16)
 for t in ${TOWERS//,/ }; do
     if [ ! -f "$OUT/$t.onnx" ] || [ "$(cat "$OUT/$t.stamp" 2>/dev/null)" != "$stamp" ]; then
         "$VENV/bin/python" scripts/make_vision_towers.py "$OUT" --towers "$t"

@@ -3,7 +3,7 @@
 
 Each is a CLIP vision tower at its published size, read at select layer -2 (patch tokens, no
 class token) and followed by the 2-layer GELU projector to a 4096-wide LLM, exported to ONNX
-as scripts/convert_chatpose.py exports a real one (opset 17, attention and quick-GELU as fused
+as scripts/convert_chatpose.py exports a real one (scripts/vision_export.py) (opset 17, attention and quick-GELU as fused
 com.microsoft nodes, the 4096x4096 projector layer as two column blocks, input [1,3,S,S]
 "pixels", output [tokens, 4096] "image_embeddings", weights in NAME.onnx.data). The weights are
 random (seeded; biases and layer-norm parameters too, as in a trained checkpoint), so the files
@@ -31,7 +31,7 @@ def export(name: str, out: Path) -> Path:
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from convert_chatpose import export_vision
+    from vision_export import export_vision
 
     hidden, layers, heads, mlp, size, patch = TOWERS[name]
     torch.manual_seed(20261125)

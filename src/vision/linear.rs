@@ -576,7 +576,7 @@ fn take_products_here(model: &mut TypedModel) -> TractResult<usize> {
 /// Replace each concatenation along the features of [`Linear`] outputs that read the same
 /// activations (each output read by the concatenation alone) by one [`Linear`] with their
 /// weights as column blocks, which writes each block's outputs where the concatenation put
-/// them: a converted tower's largest layer comes as column blocks (scripts/convert_chatpose.py,
+/// them: a converted tower's largest layer comes as column blocks (scripts/vision_export.py,
 /// `SPLIT_LINEAR_BYTES`), whose concatenation copied the projector's whole output (ViT-L: 9 MB).
 fn join_concatenated(model: &mut TypedModel) -> TractResult<usize> {
     use tract_onnx::tract_core::ops::array::TypedConcat;
