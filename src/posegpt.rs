@@ -17,7 +17,9 @@
 //!   conversation id with a bounded history.
 
 use crate::bundle::{Bundle, BundleError, LoadOptions};
-use crate::llm::{GenerateParams, LlmError, Sampling, Segment, Session, SessionParams, Token};
+use crate::llm::{
+    GenerateParams, LlmError, PlainText, Sampling, Segment, Session, SessionParams, Token,
+};
 use crate::pose_head::{PoseHeadError, SmplPose, HEAD_OUTPUTS};
 use crate::smpl::model::as_joint_rotations;
 use crate::smpl::{Skeleton, Vec3};
@@ -124,6 +126,18 @@ pub struct FramePose {
     pub timings: Timings,
 }
 
+/// The image a question is about.
+#[derive(Debug, Clone, Copy)]
+pub enum AskImage<'a> {
+    /// Decoded: preprocessed by [`PoseGpt::ask_about`].
+    Rgb(&'a RgbImage),
+    /// Preprocessed for the encoder already (planar CHW floats), and what that took.
+    Pixels {
+        pixels: &'a [f32],
+        preprocess_ms: f64,
+    },
+}
+
 /// The answer to [`PoseGpt::ask`].
 #[derive(Debug, Clone, Serialize)]
 pub struct Reply {
@@ -157,6 +171,8 @@ pub struct PoseGpt {
     clock: u64,
     /// The per-frame prompt's tokens before and after the image, fixed by the manifest.
     frame: (Vec<Token>, Vec<Token>),
+    /// Keeps special tokens out of client text: they come from the template only.
+    plain: PlainText,
 }
 
 impl PoseGpt {
@@ -165,6 +181,14 @@ impl PoseGpt {
         crate::set_tract_threads(options.vision_threads);
         let bundle = Bundle::load(dir, &options.load)?;
         let session = Session::new(bundle.llm.clone(), &options.session)?;
+        let p = &bundle.manifest.prompt;
+        let markers = [
+            Some(&p.image_marker),
+            p.image_start.as_ref(),
+            p.image_end.as_ref(),
+        ];
+        let markers: Vec<&str> = markers.into_iter().flatten().map(String::as_str).collect();
+        let plain = PlainText::for_model(&bundle.llm, &markers);
         let mut pg = Self {
             bundle,
             session,
@@ -172,6 +196,7 @@ impl PoseGpt {
             conversations: HashMap::new(),
             clock: 0,
             frame: (Vec::new(), Vec::new()),
+            plain,
         };
         pg.frame = pg.build_frame_tokens()?;
         Ok(pg)
@@ -324,14 +349,35 @@ impl PoseGpt {
         image: Option<&RgbImage>,
         conversation: Option<&str>,
     ) -> Result<Reply, PoseGptError> {
-        let question = question.trim();
-        if question.is_empty() {
-            return Err(PoseGptError::EmptyQuestion);
-        }
-        // A marker typed by the user must not split the prompt.
-        let question = question.replace(&self.bundle.manifest.prompt.image_marker, "");
+        self.ask_about(question, image.map(AskImage::Rgb), conversation)
+    }
+
+    /// [`PoseGpt::ask`] with the image decoded, or already preprocessed elsewhere (the daemon
+    /// preprocesses inline images and camera frames off the inference thread).
+    pub fn ask_about(
+        &mut self,
+        question: &str,
+        image: Option<AskImage<'_>>,
+        conversation: Option<&str>,
+    ) -> Result<Reply, PoseGptError> {
+        let question = self.plain_question(question)?;
         let t0 = Instant::now();
-        let pixels = image.map(|img| self.bundle.vision.preprocess(img));
+        // `earlier_ms`: preprocessing done before this call, counted in the total too.
+        let (pixels, preprocess_ms, earlier_ms) = match image {
+            None => (None, 0.0, 0.0),
+            Some(AskImage::Rgb(img)) => {
+                let px = self.bundle.vision.preprocess(img);
+                (Some(std::borrow::Cow::Owned(px)), ms(t0.elapsed()), 0.0)
+            }
+            Some(AskImage::Pixels {
+                pixels,
+                preprocess_ms,
+            }) => (
+                Some(std::borrow::Cow::Borrowed(pixels)),
+                preprocess_ms,
+                preprocess_ms,
+            ),
+        };
         let t1 = Instant::now();
         let image = match pixels {
             Some(px) => Some(Arc::new(self.bundle.vision.encode_pixels(&px)?)),
@@ -389,18 +435,48 @@ impl PoseGpt {
             poses,
             stop_reason: generation.stop_reason,
             timings: Timings {
-                preprocess_ms: ms(t1 - t0),
+                preprocess_ms,
                 encode_ms: ms(t1b - t1),
                 prefill_ms: ms(generation.prefill_time),
                 generate_ms: ms(generation.generate_time),
                 head_ms: ms(t2.elapsed()),
                 head_network_ms,
-                total_ms: ms(t0.elapsed()),
+                total_ms: ms(t0.elapsed()) + earlier_ms,
                 prompt_positions: generation.prompt_positions,
                 reused_positions: generation.reused_positions,
                 generated_tokens: generation.tokens.len(),
             },
         })
+    }
+
+    /// A client's question as the prompt takes it: trimmed, and with the text of every special
+    /// token (and the image marker) broken so that it stays plain text.
+    fn plain_question(&self, question: &str) -> Result<String, PoseGptError> {
+        let question = question.trim();
+        if question.is_empty() {
+            return Err(PoseGptError::EmptyQuestion);
+        }
+        Ok(self.plain.neutralise(question).into_owned())
+    }
+
+    /// The prompt tokens of a text-only question with no history, as [`PoseGpt::ask`] would
+    /// decode them (for tests and debugging).
+    pub fn ask_tokens(&self, question: &str) -> Result<Vec<Token>, PoseGptError> {
+        let m = &self.bundle.manifest;
+        let question = self.plain_question(question)?;
+        let text = format!(
+            "{}{}{}",
+            m.system_text(),
+            m.user_turn(&question, false),
+            m.assistant_open("")
+        );
+        let mut tokens = Vec::new();
+        for run in self.prompt_runs(&text, &[])? {
+            if let Run::Tokens(t) = run {
+                tokens.extend(t);
+            }
+        }
+        Ok(tokens)
     }
 
     /// Turns kept for a conversation.

@@ -4,7 +4,7 @@
 //! nothing more:
 //!
 //! * [`Model`] — a GGUF loaded once and shared (`Arc`) by sessions; vocabulary queries and
-//!   tokenization with special tokens.
+//!   tokenization with special tokens; [`PlainText`] keeps client text from becoming them.
 //! * [`Session`] — one llama.cpp context (one KV cache). A prompt is a list of [`Segment`]s,
 //!   token runs and runs of raw embeddings (image features enter the LLM that way). A session
 //!   remembers what its KV cache holds and re-evaluates only what differs from the previous
@@ -21,11 +21,13 @@
 pub mod heap;
 mod logging;
 mod model;
+mod plain_text;
 mod quantize;
 mod sampler;
 mod session;
 
 pub use model::{supports_gpu_offload, Model, ModelParams, Token};
+pub use plain_text::PlainText;
 pub use quantize::{quantize, QuantType, QuantizeError, QuantizeReport};
 pub use sampler::{Sampler, Sampling};
 pub use session::{
