@@ -4,8 +4,8 @@
 use crate::llm::{Model, ModelParams, Segment, Session, SessionParams, Token};
 use crate::posegpt::PoseGpt;
 use crate::smpl::model::as_joint_rotations;
-use crate::vision::decode_image;
 use crate::vision::CPU_RUNTIME;
+use crate::vision::{decode_image, ImageLimits};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::path::Path;
@@ -87,12 +87,12 @@ pub fn pose_bench(
     let mut stages: [Vec<f64>; 10] = Default::default();
     let mut cold = Vec::new();
     // One untimed call warms the KV cache (and the allocators).
-    let warm_img = decode_image(image_bytes, "bench image")?;
+    let warm_img = decode_image(image_bytes, "bench image", &ImageLimits::default())?;
     pg.pose(&warm_img)?;
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     for i in 0..iterations {
         let t0 = Instant::now();
-        let img = decode_image(image_bytes, "bench image")?;
+        let img = decode_image(image_bytes, "bench image", &ImageLimits::default())?;
         let decode = ms(t0.elapsed());
         // As the daemon splits it: preprocessing on the capture thread, then the rest on the
         // inference thread.
@@ -135,7 +135,7 @@ pub fn pose_bench(
     }
     for i in 0..iterations {
         pg.session_mut().clear();
-        let img = decode_image(image_bytes, "bench image")?;
+        let img = decode_image(image_bytes, "bench image", &ImageLimits::default())?;
         let t0 = Instant::now();
         pg.pose(&img)?;
         cold.push(ms(t0.elapsed()));
@@ -191,7 +191,7 @@ pub fn pose_bench(
     };
 
     // One answer, greedy, about the image.
-    let img = decode_image(image_bytes, "bench image")?;
+    let img = decode_image(image_bytes, "bench image", &ImageLimits::default())?;
     let reply = pg.ask("What is the person doing?", Some(&img), None)?;
     progress(total_steps, total_steps);
     let t = &reply.timings;

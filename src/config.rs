@@ -15,8 +15,43 @@ pub struct Config {
     pub source: SourceConfig,
     pub pose: PoseStreamConfig,
     pub requests: RequestConfig,
+    pub image_limits: ImageLimitsConfig,
     pub mqtt: MqttConfig,
     pub smpl: SmplConfig,
+}
+
+/// Limits on every image from outside (inline in asks, image files and folders), checked from
+/// the image's header before it is decoded.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImageLimitsConfig {
+    /// Longest side, pixels.
+    pub max_side: u32,
+    /// Width × height.
+    pub max_pixels: u64,
+    /// Long side / short side.
+    pub max_aspect: f64,
+}
+
+impl Default for ImageLimitsConfig {
+    fn default() -> Self {
+        let d = crate::vision::ImageLimits::default();
+        Self {
+            max_side: d.max_side,
+            max_pixels: d.max_pixels,
+            max_aspect: d.max_aspect,
+        }
+    }
+}
+
+impl ImageLimitsConfig {
+    pub fn limits(&self) -> crate::vision::ImageLimits {
+        crate::vision::ImageLimits {
+            max_side: self.max_side,
+            max_pixels: self.max_pixels,
+            max_aspect: self.max_aspect,
+        }
+    }
 }
 
 /// Where each pose's joint positions come from.
@@ -413,6 +448,22 @@ impl Config {
         if self.requests.max_text_bytes == 0 {
             return bad("requests.max_text_bytes", "= 0: must be at least 1".into());
         }
+        let l = &self.image_limits;
+        if l.max_side == 0 {
+            return bad("image_limits.max_side", "= 0: must be at least 1".into());
+        }
+        if l.max_pixels == 0 {
+            return bad("image_limits.max_pixels", "= 0: must be at least 1".into());
+        }
+        if !(l.max_aspect >= 1.0 && l.max_aspect.is_finite()) {
+            return bad(
+                "image_limits.max_aspect",
+                format!(
+                    "= {}: must be at least 1 (long side / short side)",
+                    l.max_aspect
+                ),
+            );
+        }
         if self.model.max_tokens == 0 {
             return bad("model.max_tokens", "= 0: must be at least 1".into());
         }
@@ -621,6 +672,9 @@ mod tests {
             "queue =",
             "max_text_bytes =",
             "max_image_bytes =",
+            "max_side =",
+            "max_pixels =",
+            "max_aspect =",
             "url =",
             "embedded_port =",
             "topic_prefix =",
@@ -671,6 +725,10 @@ mod tests {
         assert!(e.contains("device.id"), "{e}");
         let e = err("[requests]\nqueue = 0\n");
         assert!(e.contains("requests.queue"), "{e}");
+        let e = err("[image_limits]\nmax_aspect = 0.5\n");
+        assert!(e.contains("image_limits.max_aspect"), "{e}");
+        let e = err("[image_limits]\nmax_side = 0\n");
+        assert!(e.contains("image_limits.max_side"), "{e}");
         let e = err("[model]\ntop_p = 1.5\n");
         assert!(e.contains("model.top_p"), "{e}");
         let e = err("[model]\nvision_runtime = \" \"\n");

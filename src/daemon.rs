@@ -17,15 +17,16 @@
 //!   queued ones `shutting_down`, publish `offline`, disconnect, exit 0.
 
 use crate::config::Config;
-use crate::frame::{open_source, Capture, Frame, LatestFrame};
+use crate::frame::{open_source, Capture, Frame, LatestFrame, Prepared};
 use crate::llm::{ModelParams, Sampling, SessionParams};
 use crate::mqtt::{self, IncomingAsk, MqttCounters, Outgoing, Publisher, ReplyTo, Topics};
-use crate::posegpt::{FramePose, PoseGpt, RuntimeOptions};
+use crate::posegpt::{AskImage, FramePose, PoseGpt, RuntimeOptions};
 use crate::protocol::{
-    parse_ask, Answer, ErrorCode, ErrorReply, Limits, PoseMessage, Stats, ValidAsk, ValidImage,
+    excerpt, parse_ask, Answer, ErrorCode, ErrorReply, Limits, PoseMessage, Stats, ValidImage,
+    EXCERPT_BYTES,
 };
 use crate::service;
-use crate::vision::decode_image;
+use crate::vision::{decode_image, ImageLimits, Preprocessor, VisionError};
 use anyhow::{Context, Result};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -34,10 +35,39 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch};
 
-/// A validated request with where to answer it.
+/// A validated request with where to answer it; an inline image is decoded and preprocessed
+/// already (off the inference thread).
 struct Job {
-    ask: ValidAsk,
+    id: String,
+    text: String,
+    conversation: Option<String>,
+    image: JobImage,
     reply_to: ReplyTo,
+}
+
+enum JobImage {
+    None,
+    Live,
+    Prepared(Prepared),
+}
+
+/// An inline image checked against the limits (from its header), decoded and brought to the
+/// encoder's input: the error is the request's answer.
+fn prepare_inline(
+    bytes: &[u8],
+    limits: &ImageLimits,
+    preprocessor: &Preprocessor,
+) -> Result<Prepared, (ErrorCode, String)> {
+    let started = Instant::now();
+    let img = decode_image(bytes, "field `image.inline`", limits).map_err(|e| match e {
+        VisionError::TooLarge { .. } => (ErrorCode::ImageTooLarge, e.to_string()),
+        _ => (ErrorCode::BadImage, e.to_string()),
+    })?;
+    let pixels = preprocessor.preprocess(&img);
+    Ok(Prepared {
+        pixels,
+        preprocess_ms: started.elapsed().as_secs_f64() * 1e3,
+    })
 }
 
 /// Counters shared by the worker and the stats task.
@@ -157,7 +187,8 @@ async fn run_async(config: Config) -> Result<()> {
         warm.timings.total_ms,
         pg.frame_tokens().0.len()
     );
-    let source = open_source(&config.source).context("cannot open the frame source")?;
+    let source = open_source(&config.source, config.image_limits.limits())
+        .context("cannot open the frame source")?;
 
     let (broker, watch_port) = match config.mqtt.broker().map_err(anyhow::Error::msg)? {
         Some(b) => {
@@ -214,7 +245,8 @@ async fn run_async(config: Config) -> Result<()> {
     // Capture and inference.
     let slot = LatestFrame::new();
     // The capture thread also preprocesses, overlapping the model's work on the last frame.
-    let prepare = Some(pg.bundle().vision.preprocessor());
+    let prepare_spec = pg.bundle().vision.preprocessor();
+    let prepare = Some(prepare_spec.clone());
     let mut capture = Capture::spawn_preparing(source, config.source.fps, slot.clone(), prepare);
     let metrics = Arc::new(Metrics::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -258,6 +290,8 @@ async fn run_async(config: Config) -> Result<()> {
         let out = out_tx.clone();
         let metrics = metrics.clone();
         let mut shutdown = shutdown_rx.clone();
+        let image_limits = config.image_limits.limits();
+        let preprocessor = Arc::new(Preprocessor::new(prepare_spec.spec()));
         tokio::spawn(async move {
             loop {
                 let incoming = tokio::select! {
@@ -268,7 +302,7 @@ async fn run_async(config: Config) -> Result<()> {
                     metrics.rejected.fetch_add(1, Ordering::Relaxed);
                     log::info!(
                         "request {:?} refused: {:?}: {}",
-                        e.id,
+                        e.id.as_deref().map(|id| excerpt(id, EXCERPT_BYTES)),
                         e.error.code,
                         e.error.message
                     );
@@ -278,12 +312,44 @@ async fn run_async(config: Config) -> Result<()> {
                     Err(e) => reject(e),
                     Ok(ask) => {
                         let id = ask.id.clone();
+                        let image = match ask.image {
+                            ValidImage::None => JobImage::None,
+                            ValidImage::Live => JobImage::Live,
+                            // One image at a time: bounded memory, and the header check first.
+                            ValidImage::Inline(bytes) => {
+                                let pre = preprocessor.clone();
+                                let prepared = tokio::task::spawn_blocking(move || {
+                                    prepare_inline(&bytes, &image_limits, &pre)
+                                })
+                                .await;
+                                match prepared {
+                                    Ok(Ok(p)) => JobImage::Prepared(p),
+                                    Ok(Err((code, message))) => {
+                                        reject(ErrorReply::new(Some(id), code, message));
+                                        continue;
+                                    }
+                                    Err(e) => {
+                                        reject(ErrorReply::new(
+                                            Some(id),
+                                            ErrorCode::BadImage,
+                                            format!("the image could not be decoded: {e}"),
+                                        ));
+                                        continue;
+                                    }
+                                }
+                            }
+                        };
                         let job = Job {
-                            ask,
+                            id: ask.id,
+                            text: ask.text,
+                            conversation: ask.conversation,
+                            image,
                             reply_to: incoming.reply_to.clone(),
                         };
                         match job_tx.try_send(job) {
-                            Ok(()) => log::debug!("request {id:?} queued"),
+                            Ok(()) => {
+                                log::debug!("request {:?} queued", excerpt(&id, EXCERPT_BYTES))
+                            }
                             Err(TrySendError::Full(_)) => reject(ErrorReply::new(
                                 Some(id),
                                 ErrorCode::Busy,
@@ -591,7 +657,7 @@ fn worker_loop(mut pg: PoseGpt, io: WorkerIo) {
             &out,
             job.reply_to,
             ErrorReply::new(
-                Some(job.ask.id),
+                Some(job.id),
                 ErrorCode::ShuttingDown,
                 "the daemon is stopping; the request was not run",
             ),
@@ -608,20 +674,39 @@ fn handle_job(
     out: &mpsc::UnboundedSender<Outgoing>,
     metrics: &Metrics,
 ) {
-    let Job { ask, reply_to } = job;
+    let Job {
+        id,
+        text,
+        conversation,
+        image,
+        reply_to,
+    } = job;
     let fail = |code, message: String| {
         metrics.rejected.fetch_add(1, Ordering::Relaxed);
-        log::info!("request {:?} failed: {code:?}: {message}", ask.id);
+        log::info!(
+            "request {:?} failed: {code:?}: {message}",
+            excerpt(&id, EXCERPT_BYTES)
+        );
         answer_error(
             out,
             reply_to.clone(),
-            ErrorReply::new(Some(ask.id.clone()), code, message),
+            ErrorReply::new(Some(id.clone()), code, message),
         );
     };
-    let image = match &ask.image {
-        ValidImage::None => None,
-        ValidImage::Live => match slot.peek().or_else(|| last_frame.cloned()) {
-            Some(f) => Some(f.rgb),
+    let live;
+    let image = match &image {
+        JobImage::None => None,
+        JobImage::Live => match slot.peek().or_else(|| last_frame.cloned()) {
+            Some(f) => {
+                live = f;
+                Some(match &live.prepared {
+                    Some(p) => AskImage::Pixels {
+                        pixels: &p.pixels,
+                        preprocess_ms: p.preprocess_ms,
+                    },
+                    None => AskImage::Rgb(&live.rgb),
+                })
+            }
             None => {
                 return fail(
                     ErrorCode::NoFrame,
@@ -629,12 +714,12 @@ fn handle_job(
                 )
             }
         },
-        ValidImage::Inline(bytes) => match decode_image(bytes, "field `image.inline`") {
-            Ok(img) => Some(Arc::new(img)),
-            Err(e) => return fail(ErrorCode::BadImage, e.to_string()),
-        },
+        JobImage::Prepared(p) => Some(AskImage::Pixels {
+            pixels: &p.pixels,
+            preprocess_ms: p.preprocess_ms,
+        }),
     };
-    match pg.ask(&ask.text, image.as_deref(), ask.conversation.as_deref()) {
+    match pg.ask_about(&text, image, conversation.as_deref()) {
         Ok(reply) => {
             metrics.answered.fetch_add(1, Ordering::Relaxed);
             metrics
@@ -643,7 +728,7 @@ fn handle_job(
             metrics
                 .generate_us
                 .fetch_add((reply.timings.generate_ms * 1e3) as u64, Ordering::Relaxed);
-            match serde_json::to_vec(&Answer::new(&ask.id, &reply)) {
+            match serde_json::to_vec(&Answer::new(&id, &reply)) {
                 Ok(payload) => {
                     let _receiver_gone_at_shutdown =
                         out.send(Outgoing::Answer { reply_to, payload });
@@ -651,6 +736,6 @@ fn handle_job(
                 Err(e) => log::error!("cannot encode an answer: {e}"),
             }
         }
-        Err(e) => fail(ErrorCode::ModelError, e.to_string()),
+        Err(e) => fail(ErrorCode::of_model_error(&e), e.to_string()),
     }
 }

@@ -4,7 +4,8 @@
 //! `code` and a message naming the field, answered on the answer topic — never a crash and
 //! never silence.
 
-use crate::posegpt::{Pose, Reply, Timings};
+use crate::llm::LlmError;
+use crate::posegpt::{Pose, PoseGptError, Reply, Timings};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
@@ -80,8 +81,27 @@ pub enum ErrorCode {
     Busy,
     /// The daemon is stopping.
     ShuttingDown,
-    /// The model failed on this request.
+    /// The prompt (question, conversation history, image) does not fit the model's context.
+    ContextFull,
+    /// The vision encoder failed on the request's image.
+    EncoderError,
+    /// The model failed on this request otherwise.
     ModelError,
+}
+
+impl ErrorCode {
+    /// The code for the model's failure on a request.
+    pub fn of_model_error(e: &PoseGptError) -> Self {
+        match e {
+            PoseGptError::Llm(LlmError::ContextFull { .. }) => Self::ContextFull,
+            // llama.cpp's "no KV slot for the batch": the context is full too.
+            PoseGptError::Llm(LlmError::Decode { code: 1, .. }) => Self::ContextFull,
+            PoseGptError::Llm(LlmError::TextTooLong { .. }) => Self::TextTooLong,
+            PoseGptError::EmptyQuestion => Self::EmptyText,
+            PoseGptError::Vision(_) => Self::EncoderError,
+            _ => Self::ModelError,
+        }
+    }
 }
 
 /// `{"code": ..., "message": ...}` inside an error answer.
@@ -117,7 +137,7 @@ pub fn parse_ask(payload: &[u8], limits: &Limits) -> Result<ValidAsk, ErrorReply
         ErrorReply::new(
             None,
             ErrorCode::BadJson,
-            format!("the payload is not valid JSON: {e}"),
+            bounded_message(&format!("the payload is not valid JSON: {e}")),
         )
     })?;
     let id = value
@@ -131,8 +151,12 @@ pub fn parse_ask(payload: &[u8], limits: &Limits) -> Result<ValidAsk, ErrorReply
             "the payload must be a JSON object with fields id, text, image, conversation".into(),
         ));
     }
-    let req: AskRequest = serde_json::from_value(value.clone())
-        .map_err(|e| fail(ErrorCode::InvalidRequest, format!("field error: {e}")))?;
+    let req: AskRequest = serde_json::from_value(value.clone()).map_err(|e| {
+        fail(
+            ErrorCode::InvalidRequest,
+            bounded_message(&format!("field error: {e}")),
+        )
+    })?;
     if req.id.is_empty() || req.id.len() > limits.max_id_bytes {
         return Err(fail(
             ErrorCode::InvalidRequest,
@@ -183,7 +207,7 @@ pub fn parse_ask(payload: &[u8], limits: &Limits) -> Result<ValidAsk, ErrorReply
                 .map_err(|e| {
                     fail(
                         ErrorCode::BadImage,
-                        format!("field `image.inline` is not base64: {e}"),
+                        bounded_message(&format!("field `image.inline` is not base64: {e}")),
                     )
                 })?;
             if bytes.len() > limits.max_image_bytes {
@@ -205,6 +229,50 @@ pub fn parse_ask(payload: &[u8], limits: &Limits) -> Result<ValidAsk, ErrorReply
         image,
         conversation: req.conversation,
     })
+}
+
+/// How much of a client's input an error message quotes.
+pub const EXCERPT_BYTES: usize = 80;
+/// The longest error message sent back, whatever it quotes.
+const MAX_MESSAGE_BYTES: usize = 400;
+
+/// `s` cut to at most `max` bytes (on a character boundary), with `…` when something was cut.
+pub fn excerpt(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut cut = truncate(s, max);
+    cut.push('…');
+    cut
+}
+
+/// A message built around client input, bounded: every quoted part (between backticks or
+/// double quotes, as serde quotes what it could not take) cut to [`EXCERPT_BYTES`], and the
+/// whole to [`MAX_MESSAGE_BYTES`].
+fn bounded_message(message: &str) -> String {
+    let mut out = String::with_capacity(message.len().min(MAX_MESSAGE_BYTES + 8));
+    let mut rest = message;
+    while let Some(open) = rest.find(['`', '"']) {
+        let quote = rest.as_bytes()[open] as char;
+        out.push_str(&rest[..=open]);
+        rest = &rest[open + 1..];
+        match rest.find(quote) {
+            Some(close) => {
+                out.push_str(&excerpt(&rest[..close], EXCERPT_BYTES));
+                out.push(quote);
+                rest = &rest[close + 1..];
+            }
+            None => {
+                out.push_str(&excerpt(rest, EXCERPT_BYTES));
+                rest = "";
+            }
+        }
+        if out.len() > MAX_MESSAGE_BYTES {
+            break;
+        }
+    }
+    out.push_str(rest);
+    excerpt(&out, MAX_MESSAGE_BYTES)
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -361,6 +429,67 @@ mod tests {
 
         let (id, code, _) = code_of(r#"{"id":"","text":"hi"}"#);
         assert_eq!((id.as_deref(), code), (Some(""), ErrorCode::InvalidRequest));
+    }
+
+    #[test]
+    fn error_messages_quote_at_most_an_excerpt_of_what_was_sent() {
+        let huge = "A".repeat(1_600_000);
+        for payload in [
+            format!(r#"{{"id":"q1","text":"hi","image":"{huge}"}}"#),
+            format!(r#"{{"id":"q1","text":"hi","{huge}":1}}"#),
+            format!(r#"{{"id":"q1","text":"hi","image":{{"inline":5, "x":"{huge}"}}}}"#),
+            format!(r#"{{"id":"q1","text":["{huge}"]}}"#),
+            format!(r#"{{"id":"q1","text":"hi","conversation":{{"{huge}":"`{huge}"}}}}"#),
+            format!("{{\"id\":\"q1\",\"text\":\"{huge}"),
+        ] {
+            let e = parse_ask(payload.as_bytes(), &LIMITS).expect_err("refused");
+            let m = &e.error.message;
+            assert!(m.len() <= 410, "{} bytes: {}", m.len(), excerpt(m, 200));
+            assert!(
+                !m.contains(&"A".repeat(EXCERPT_BYTES + 1)),
+                "{}",
+                excerpt(m, 200)
+            );
+        }
+        // What is short is quoted whole, so the message still names the culprit.
+        let (_, _, msg) = code_of(r#"{"id":"q9","text":"hi","image":"camera"}"#);
+        assert!(msg.contains("`camera`"), "{msg}");
+    }
+
+    #[test]
+    fn excerpts_cut_on_character_boundaries() {
+        assert_eq!(excerpt("short", 80), "short");
+        assert_eq!(excerpt("ééé", 3), "é…");
+        assert_eq!(bounded_message("x `abc` y"), "x `abc` y");
+        let long = format!("bad `{}` here", "é".repeat(100));
+        assert_eq!(
+            bounded_message(&long),
+            format!("bad `{}…` here", "é".repeat(40))
+        );
+    }
+
+    #[test]
+    fn model_failures_get_their_own_codes() {
+        let full = PoseGptError::Llm(LlmError::ContextFull {
+            needed: 5000,
+            n_ctx: 2048,
+        });
+        assert_eq!(ErrorCode::of_model_error(&full), ErrorCode::ContextFull);
+        let no_slot = PoseGptError::Llm(LlmError::Decode {
+            code: 1,
+            from: 0,
+            to: 9,
+            hint: "",
+        });
+        assert_eq!(ErrorCode::of_model_error(&no_slot), ErrorCode::ContextFull);
+        let vision = PoseGptError::Vision(crate::vision::VisionError::Run("x".into()));
+        assert_eq!(ErrorCode::of_model_error(&vision), ErrorCode::EncoderError);
+        let other = PoseGptError::Llm(LlmError::NoOutput { what: "logits" });
+        assert_eq!(ErrorCode::of_model_error(&other), ErrorCode::ModelError);
+        assert_eq!(
+            serde_json::to_value(ErrorCode::ContextFull).unwrap(),
+            "context_full"
+        );
     }
 
     #[test]

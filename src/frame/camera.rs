@@ -4,7 +4,7 @@
 //! with a growing pause until it returns.
 
 use super::{FrameError, FrameSource, Next};
-use crate::vision::{decode_image, RgbImage};
+use crate::vision::{decode_image, ImageLimits, RgbImage};
 use nokhwa::pixel_format::RgbFormat;
 use nokhwa::utils::{
     ApiBackend, CameraFormat, CameraIndex, CameraInfo, FrameFormat, RequestedFormat,
@@ -183,7 +183,10 @@ fn open_camera(request: &CameraRequest) -> Result<Camera, String> {
 /// One camera buffer to RGB.
 fn to_rgb(format: FrameFormat, width: u32, height: u32, data: &[u8]) -> Result<RgbImage, String> {
     let raw = match format {
-        FrameFormat::MJPEG => return decode_image(data, "camera frame").map_err(|e| e.to_string()),
+        FrameFormat::MJPEG => {
+            return decode_image(data, "camera frame", &ImageLimits::default())
+                .map_err(|e| e.to_string())
+        }
         FrameFormat::YUYV => {
             nokhwa::utils::yuyv422_to_rgb(data, false).map_err(|e| e.to_string())?
         }

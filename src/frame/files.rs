@@ -1,7 +1,7 @@
 //! Image-file sources: one file, or the images of a folder in name order.
 
 use super::{FrameError, FrameSource, Next};
-use crate::vision::{load_image, RgbImage};
+use crate::vision::{load_image_limited, ImageLimits, RgbImage};
 use std::path::{Path, PathBuf};
 
 /// One image, decoded once; delivered again and again when looped, else once.
@@ -13,8 +13,8 @@ pub struct FileSource {
 }
 
 impl FileSource {
-    pub fn open(path: &Path, looped: bool) -> Result<Self, FrameError> {
-        let image = load_image(path).map_err(|e| FrameError::Source {
+    pub fn open(path: &Path, looped: bool, limits: ImageLimits) -> Result<Self, FrameError> {
+        let image = load_image_limited(path, &limits).map_err(|e| FrameError::Source {
             path: path.to_path_buf(),
             problem: format!("{e}; set source.path to a JPEG or PNG image"),
         })?;
@@ -47,10 +47,11 @@ pub struct DirSource {
     files: Vec<PathBuf>,
     index: usize,
     looped: bool,
+    limits: ImageLimits,
 }
 
 impl DirSource {
-    pub fn open(dir: &Path, looped: bool) -> Result<Self, FrameError> {
+    pub fn open(dir: &Path, looped: bool, limits: ImageLimits) -> Result<Self, FrameError> {
         let err = |problem: String| FrameError::Source {
             path: dir.to_path_buf(),
             problem,
@@ -75,6 +76,7 @@ impl DirSource {
             files,
             index: 0,
             looped,
+            limits,
         })
     }
 
@@ -97,7 +99,7 @@ impl FrameSource for DirSource {
         }
         let path = &self.files[self.index];
         self.index += 1;
-        match load_image(path) {
+        match load_image_limited(path, &self.limits) {
             Ok(img) => Next::Frame(img, file_name(path)),
             Err(e) => Next::Skip(e.to_string()),
         }
@@ -143,7 +145,7 @@ mod tests {
 
     #[test]
     fn a_folder_plays_in_name_order_and_loops_or_ends() {
-        let mut looped = DirSource::open(&samples(), true).unwrap();
+        let mut looped = DirSource::open(&samples(), true, ImageLimits::default()).unwrap();
         assert_eq!(looped.len(), 3);
         let got = names(&mut looped, 4);
         assert_eq!(
@@ -155,8 +157,36 @@ mod tests {
                 "person-arms-up.png"
             ]
         );
-        let mut once = DirSource::open(&samples(), false).unwrap();
+        let mut once = DirSource::open(&samples(), false, ImageLimits::default()).unwrap();
         assert_eq!(names(&mut once, 4)[3], "end");
+    }
+
+    #[test]
+    fn images_over_the_limits_are_skipped_with_the_limit_named() {
+        let dir = tempfile::tempdir().unwrap();
+        image::RgbImage::new(4000, 10)
+            .save(dir.path().join("a-thin.png"))
+            .unwrap();
+        std::fs::copy(samples().join("person-wave.png"), dir.path().join("b.png")).unwrap();
+        let limits = ImageLimits {
+            max_side: 2048,
+            ..ImageLimits::default()
+        };
+        let mut src = DirSource::open(dir.path(), false, limits).unwrap();
+        let got = names(&mut src, 3);
+        assert!(
+            got[0].starts_with("skip:")
+                && got[0].contains("a-thin.png")
+                && got[0].contains("image_limits.max_side"),
+            "{got:?}"
+        );
+        assert_eq!(got[1], "b.png");
+        // A single file source over the limits is refused at start, naming the limit.
+        let e = FileSource::open(&dir.path().join("a-thin.png"), true, limits)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("image_limits.max_side"), "{e}");
     }
 
     #[test]
@@ -165,7 +195,7 @@ mod tests {
         std::fs::copy(samples().join("person-wave.png"), dir.path().join("b.png")).unwrap();
         std::fs::write(dir.path().join("a.jpg"), b"not really a jpeg").unwrap();
         std::fs::write(dir.path().join("notes.txt"), b"ignored").unwrap();
-        let mut src = DirSource::open(dir.path(), false).unwrap();
+        let mut src = DirSource::open(dir.path(), false, ImageLimits::default()).unwrap();
         let got = names(&mut src, 3);
         assert!(
             got[0].starts_with("skip:") && got[0].contains("a.jpg"),
@@ -175,7 +205,7 @@ mod tests {
         assert_eq!(got[2], "end");
 
         let empty = tempfile::tempdir().unwrap();
-        let e = DirSource::open(empty.path(), true)
+        let e = DirSource::open(empty.path(), true, ImageLimits::default())
             .err()
             .unwrap()
             .to_string();
@@ -183,12 +213,12 @@ mod tests {
             e.contains(&empty.path().display().to_string()) && e.contains("no .jpg"),
             "{e}"
         );
-        let e = DirSource::open(Path::new("/no/such/frames"), true)
+        let e = DirSource::open(Path::new("/no/such/frames"), true, ImageLimits::default())
             .err()
             .unwrap()
             .to_string();
         assert!(e.contains("/no/such/frames"), "{e}");
-        let e = FileSource::open(&dir.path().join("a.jpg"), true)
+        let e = FileSource::open(&dir.path().join("a.jpg"), true, ImageLimits::default())
             .err()
             .unwrap()
             .to_string();
@@ -198,16 +228,16 @@ mod tests {
     #[test]
     fn a_single_file_repeats_only_when_looped() {
         let path = samples().join("person-squat.png");
-        let mut once = FileSource::open(&path, false).unwrap();
+        let mut once = FileSource::open(&path, false, ImageLimits::default()).unwrap();
         assert_eq!(names(&mut once, 2), ["person-squat.png", "end"]);
-        let mut looped = FileSource::open(&path, true).unwrap();
+        let mut looped = FileSource::open(&path, true, ImageLimits::default()).unwrap();
         assert_eq!(names(&mut looped, 3), ["person-squat.png"; 3]);
     }
 
     #[test]
     fn capture_runs_at_its_pace_and_a_slow_taker_drops_frames() {
         let slot = LatestFrame::new();
-        let src = DirSource::open(&samples(), true).unwrap();
+        let src = DirSource::open(&samples(), true, ImageLimits::default()).unwrap();
         let mut cap = Capture::spawn(SourceBuilder::ready(src), 100.0, slot.clone());
         // A taker slower than the source: it sees increasing sequence numbers with gaps.
         let mut seqs = Vec::new();
@@ -238,13 +268,13 @@ mod tests {
             path: samples(),
             ..Default::default()
         };
-        let src = crate::frame::open_source(&config).unwrap();
+        let src = crate::frame::open_source(&config, ImageLimits::default()).unwrap();
         assert!(src.description.contains("3 images"), "{}", src.description);
         let config = crate::config::SourceConfig {
             kind: crate::config::SourceKind::Camera,
             ..config
         };
-        let e = crate::frame::open_source(&config)
+        let e = crate::frame::open_source(&config, ImageLimits::default())
             .err()
             .unwrap()
             .to_string();
@@ -254,7 +284,12 @@ mod tests {
     #[test]
     fn a_finished_source_closes_the_slot() {
         let slot = LatestFrame::new();
-        let src = FileSource::open(&samples().join("person-wave.png"), false).unwrap();
+        let src = FileSource::open(
+            &samples().join("person-wave.png"),
+            false,
+            ImageLimits::default(),
+        )
+        .unwrap();
         let _cap = Capture::spawn(SourceBuilder::ready(src), 50.0, slot.clone());
         assert!(slot.take(Duration::from_secs(2)).is_some());
         assert!(slot.take(Duration::from_secs(2)).is_none());

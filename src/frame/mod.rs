@@ -19,7 +19,7 @@ pub use camera::{list_cameras, CameraEntry, CameraRequest, CameraSource};
 pub use files::{DirSource, FileSource};
 
 use crate::config::{SourceConfig, SourceKind};
-use crate::vision::{Preprocessor, RgbImage};
+use crate::vision::{ImageLimits, Preprocessor, RgbImage};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -103,8 +103,12 @@ impl SourceBuilder {
 
 /// Check the configured source now (missing path, empty folder, no such camera: errors that
 /// name what was wrong) and return how to build it on the capture thread. `auto` takes the
-/// camera if it opens, else the folder at `path`, and says so.
-pub fn open_source(config: &SourceConfig) -> Result<SourceBuilder, FrameError> {
+/// camera if it opens, else the folder at `path`, and says so. Image files are decoded within
+/// `limits` (a folder's oversized image is skipped and counted).
+pub fn open_source(
+    config: &SourceConfig,
+    limits: ImageLimits,
+) -> Result<SourceBuilder, FrameError> {
     let request = CameraRequest {
         selector: config.camera.clone(),
         width: config.width,
@@ -120,8 +124,12 @@ pub fn open_source(config: &SourceConfig) -> Result<SourceBuilder, FrameError> {
         })
     };
     Ok(match config.kind {
-        SourceKind::File => SourceBuilder::ready(FileSource::open(&config.path, config.looped)?),
-        SourceKind::Dir => SourceBuilder::ready(DirSource::open(&config.path, config.looped)?),
+        SourceKind::File => {
+            SourceBuilder::ready(FileSource::open(&config.path, config.looped, limits)?)
+        }
+        SourceKind::Dir => {
+            SourceBuilder::ready(DirSource::open(&config.path, config.looped, limits)?)
+        }
         SourceKind::Camera => camera(request)?,
         SourceKind::Auto => match camera(request) {
             Ok(c) => c,
@@ -130,7 +138,7 @@ pub fn open_source(config: &SourceConfig) -> Result<SourceBuilder, FrameError> {
                     "no usable camera ({e}); using the frames in {} instead",
                     config.path.display()
                 );
-                SourceBuilder::ready(DirSource::open(&config.path, config.looped)?)
+                SourceBuilder::ready(DirSource::open(&config.path, config.looped, limits)?)
             }
         },
     })

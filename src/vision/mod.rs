@@ -16,9 +16,12 @@
 //! each rounded and clipped to 8 bits. Generic bicubic filters differ from it by up to ~18
 //! levels on real images, which would move the pose.
 
+mod decode;
 pub mod linear;
 pub mod ops;
 mod panel;
+
+pub use decode::{decode_image, load_image, load_image_limited, ImageLimits};
 
 use std::path::{Path, PathBuf};
 use tract_onnx::prelude::*;
@@ -54,6 +57,13 @@ pub enum VisionError {
     NotAnImage { what: String, reason: String },
     #[error("image {what} is empty (0 pixels wide or high)")]
     EmptyImage { what: String },
+    #[error("image {what} is {width} x {height} pixels, over {limit}")]
+    TooLarge {
+        what: String,
+        width: u32,
+        height: u32,
+        limit: String,
+    },
     #[error("vision encoder {path}: {reason}")]
     Model { path: PathBuf, reason: String },
     #[error("vision encoder {path} outputs {got:?}, expected [tokens, n_embd] with n_embd = {n_embd}; the bundle's vision.onnx does not fit its LLM")]
@@ -64,41 +74,6 @@ pub enum VisionError {
     },
     #[error("vision encoder failed on an image: {0}")]
     Run(String),
-}
-
-/// Decode a JPEG or PNG from memory. `what` names the source in errors (a path, "inline image").
-pub fn decode_image(bytes: &[u8], what: &str) -> Result<RgbImage, VisionError> {
-    let format = image::guess_format(bytes).map_err(|e| VisionError::NotAnImage {
-        what: what.to_string(),
-        reason: e.to_string(),
-    })?;
-    if !matches!(format, image::ImageFormat::Jpeg | image::ImageFormat::Png) {
-        return Err(VisionError::NotAnImage {
-            what: what.to_string(),
-            reason: format!("it is {format:?}"),
-        });
-    }
-    let img = image::load_from_memory_with_format(bytes, format)
-        .map_err(|e| VisionError::NotAnImage {
-            what: what.to_string(),
-            reason: e.to_string(),
-        })?
-        .to_rgb8();
-    if img.width() == 0 || img.height() == 0 {
-        return Err(VisionError::EmptyImage {
-            what: what.to_string(),
-        });
-    }
-    Ok(img)
-}
-
-/// Read and decode an image file.
-pub fn load_image(path: &Path) -> Result<RgbImage, VisionError> {
-    let bytes = std::fs::read(path).map_err(|cause| VisionError::ReadImage {
-        path: path.to_path_buf(),
-        cause,
-    })?;
-    decode_image(&bytes, &path.display().to_string())
 }
 
 /// Bring an image to the encoder's input: resize/crop or pad per `spec`, scale to `[0, 1]`,
@@ -1163,43 +1138,5 @@ mod tests {
         for c in 0..3 {
             assert!(px[c * 64].abs() < 0.01, "channel {c}: {}", px[c * 64]);
         }
-    }
-
-    #[test]
-    fn jpeg_and_png_both_decode() {
-        let img = RgbImage::from_fn(48, 32, |x, y| {
-            image::Rgb([(x * 5) as u8, (y * 7) as u8, 128])
-        });
-        for format in [image::ImageFormat::Jpeg, image::ImageFormat::Png] {
-            let mut bytes = std::io::Cursor::new(Vec::new());
-            image::DynamicImage::ImageRgb8(img.clone())
-                .write_to(&mut bytes, format)
-                .unwrap();
-            let back = decode_image(bytes.get_ref(), "frame").unwrap();
-            assert_eq!(back.dimensions(), (48, 32));
-            // PNG is lossless; JPEG stays close on a smooth gradient.
-            let worst = back
-                .as_raw()
-                .iter()
-                .zip(img.as_raw())
-                .map(|(a, b)| a.abs_diff(*b))
-                .max()
-                .unwrap();
-            let limit = if format == image::ImageFormat::Png {
-                0
-            } else {
-                24
-            };
-            assert!(worst <= limit, "{format:?}: max difference {worst}");
-        }
-    }
-
-    #[test]
-    fn non_images_are_refused_with_their_name() {
-        let e = decode_image(b"definitely not an image", "notes.txt").unwrap_err();
-        assert!(e.to_string().contains("notes.txt"), "{e}");
-        // A GIF header is an image, but not one the daemon takes.
-        let e = decode_image(b"GIF89a\x01\x00\x01\x00\x00\x00\x00;", "anim.gif").unwrap_err();
-        assert!(e.to_string().contains("anim.gif"), "{e}");
     }
 }
