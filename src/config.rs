@@ -81,6 +81,9 @@ impl Default for SmplConfig {
 pub struct DeviceConfig {
     /// Names this device in MQTT topics (`posegpt/<id>/...`).
     pub id: String,
+    /// After SIGTERM/SIGINT, how long the request in hand may run on before it is aborted and
+    /// answered `shutting_down`; the process exits within this plus 2 s.
+    pub shutdown_timeout_s: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -282,6 +285,7 @@ impl Default for DeviceConfig {
     fn default() -> Self {
         Self {
             id: "edge-01".into(),
+            shutdown_timeout_s: 10.0,
         }
     }
 }
@@ -447,6 +451,23 @@ impl Config {
         }
         if self.requests.max_text_bytes == 0 {
             return bad("requests.max_text_bytes", "= 0: must be at least 1".into());
+        }
+        let t = self.device.shutdown_timeout_s;
+        if !(t > 0.0 && t <= 600.0) {
+            return bad(
+                "device.shutdown_timeout_s",
+                format!("= {t}: must be in (0, 600] seconds"),
+            );
+        }
+        if self.mqtt.outbox <= self.requests.queue {
+            return bad(
+                "mqtt.outbox",
+                format!(
+                    "= {}: must be more than requests.queue ({}), so that every accepted \
+                     request's answer is kept through a broker outage",
+                    self.mqtt.outbox, self.requests.queue
+                ),
+            );
         }
         let l = &self.image_limits;
         if l.max_side == 0 {
@@ -647,6 +668,7 @@ mod tests {
             "height_m =",
             "betas =",
             "id =",
+            "shutdown_timeout_s =",
             "bundle =",
             "threads =",
             "n_ctx =",
@@ -725,6 +747,13 @@ mod tests {
         assert!(e.contains("device.id"), "{e}");
         let e = err("[requests]\nqueue = 0\n");
         assert!(e.contains("requests.queue"), "{e}");
+        let e = err("[device]\nshutdown_timeout_s = 0\n");
+        assert!(e.contains("device.shutdown_timeout_s"), "{e}");
+        let e = err("[requests]\nqueue = 8\n[mqtt]\noutbox = 8\n");
+        assert!(
+            e.contains("mqtt.outbox") && e.contains("requests.queue"),
+            "{e}"
+        );
         let e = err("[image_limits]\nmax_aspect = 0.5\n");
         assert!(e.contains("image_limits.max_aspect"), "{e}");
         let e = err("[image_limits]\nmax_side = 0\n");

@@ -3,19 +3,27 @@
 //! The data path, one module per stage:
 //!
 //! ```text
-//! frame ──► vision (preprocess + tract encoder) ──► llm (llama.cpp) ──► pose_head ──► smpl
-//!            [tokens, n_embd] image embeddings       hidden state        24 × 6D      axis-angle
+//! frame ──► vision ──────────────► llm ────────────► pose_head ──► smpl ──────► protocol + mqtt
+//! camera,    preprocess + tract      llama.cpp:         hidden        rotations,   JSON messages,
+//! files      encoder: [tokens,       image embeddings   state →       joints       the broker
+//!            n_embd] embeddings      + text → hidden    24 × 6D
 //! ```
 //!
-//! * [`bundle`] — the model bundle (`posegpt.toml` + `llm.gguf` + `vision.onnx` +
-//!   `pose_head.onnx`), checked on load with errors that name the file and key.
-//! * [`vision`] — preprocessing exactly as the model was trained (Pillow-exact bicubic) and the
-//!   ONNX vision tower + projector.
+//! * [`frame`] — frame sources (V4L2 camera, an image file, a folder) and the latest-frame
+//!   slot the inference thread takes from.
+//! * [`vision`] — image decoding within size limits, preprocessing exactly as the model was
+//!   trained (Pillow-exact bicubic), and the ONNX vision tower + projector.
 //! * [`llm`] — the only module that calls C directly: a small safe wrapper over llama.cpp.
 //! * [`posegpt`] — prompts, image injection, generation, pose-token capture: `pose()` per frame
 //!   and `ask()` for chat.
 //! * [`pose_head`] — hidden state → 24 × 6D → rotation matrices → axis-angle.
-//! * [`smpl`] — rotation conventions (and, later, the body model).
+//! * [`smpl`] — rotation conventions, forward kinematics on a skeleton, the SMPL body model.
+//! * [`protocol`] — the MQTT JSON messages and the validation of requests; [`mqtt`] — topics,
+//!   the client and the embedded broker.
+//! * [`daemon`] — the wiring: start, run, shutdown; the inference thread, the request intake,
+//!   the hand-overs between them and what each does when full.
+//! * Around them: [`bundle`] (a model bundle, checked on load), [`config`] (the daemon's TOML),
+//!   [`service`] (systemd), [`health`] (temperatures, GPU load, power), [`bench`].
 
 pub mod bench;
 pub mod bundle;

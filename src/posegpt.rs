@@ -206,6 +206,12 @@ impl PoseGpt {
         &self.bundle
     }
 
+    /// Once `flag` is set (from any thread), the running LLM decode or generation stops and
+    /// its call fails with [`LlmError::Aborted`]; the daemon's bounded shutdown sets it.
+    pub fn set_abort_flag(&mut self, flag: Arc<std::sync::atomic::AtomicBool>) {
+        self.session.set_abort_flag(flag);
+    }
+
     /// The runtime settings this instance was loaded with.
     pub fn options(&self) -> &RuntimeOptions {
         &self.options

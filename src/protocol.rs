@@ -97,6 +97,7 @@ impl ErrorCode {
             // llama.cpp's "no KV slot for the batch": the context is full too.
             PoseGptError::Llm(LlmError::Decode { code: 1, .. }) => Self::ContextFull,
             PoseGptError::Llm(LlmError::TextTooLong { .. }) => Self::TextTooLong,
+            PoseGptError::Llm(LlmError::Aborted) => Self::ShuttingDown,
             PoseGptError::EmptyQuestion => Self::EmptyText,
             PoseGptError::Vision(_) => Self::EncoderError,
             _ => Self::ModelError,
@@ -229,6 +230,20 @@ pub fn parse_ask(payload: &[u8], limits: &Limits) -> Result<ValidAsk, ErrorReply
         image,
         conversation: req.conversation,
     })
+}
+
+/// The longest request `id` (and conversation id) taken, in bytes.
+pub const MAX_ID_BYTES: usize = 256;
+
+/// The `id` of an ask payload when it has a readable string one, cut to [`MAX_ID_BYTES`]: for
+/// replies to asks refused before they are parsed.
+pub fn peek_id(payload: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct IdOnly {
+        id: Option<String>,
+    }
+    let id = serde_json::from_slice::<IdOnly>(payload).ok()?.id?;
+    Some(truncate(&id, MAX_ID_BYTES))
 }
 
 /// How much of a client's input an error message quotes.
@@ -454,6 +469,15 @@ mod tests {
         // What is short is quoted whole, so the message still names the culprit.
         let (_, _, msg) = code_of(r#"{"id":"q9","text":"hi","image":"camera"}"#);
         assert!(msg.contains("`camera`"), "{msg}");
+    }
+
+    #[test]
+    fn the_id_of_a_refused_request_is_read_when_there_is_one() {
+        assert_eq!(peek_id(br#"{"id":"q1","text":5}"#).as_deref(), Some("q1"));
+        assert_eq!(peek_id(br#"{"id":7}"#), None);
+        assert_eq!(peek_id(b"{not json"), None);
+        let long = format!(r#"{{"id":"{}"}}"#, "x".repeat(1000));
+        assert_eq!(peek_id(long.as_bytes()).unwrap().len(), MAX_ID_BYTES);
     }
 
     #[test]

@@ -5,9 +5,10 @@
 //! systemd (no `NOTIFY_SOCKET` in the environment).
 
 use sd_notify::NotifyState;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 
 fn send(states: &[NotifyState]) {
     if let Err(e) = sd_notify::notify(states) {
@@ -66,7 +67,7 @@ impl Heartbeat {
 /// `WatchdogSec` above the slowest answer the model gives. Returns None without a watchdog.
 pub fn spawn_watchdog(
     heartbeat: Arc<Heartbeat>,
-    stop: Arc<AtomicBool>,
+    stop: CancellationToken,
 ) -> Option<std::thread::JoinHandle<()>> {
     let period = sd_notify::watchdog_enabled()?;
     log::info!(
@@ -85,7 +86,7 @@ pub fn spawn_watchdog(
 /// The watchdog thread: `ping` every half `period` while `heartbeat` is younger than `period`.
 fn spawn_feeder(
     heartbeat: Arc<Heartbeat>,
-    stop: Arc<AtomicBool>,
+    stop: CancellationToken,
     period: Duration,
     mut ping: impl FnMut() + Send + 'static,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
@@ -93,7 +94,7 @@ fn spawn_feeder(
         .name("watchdog".into())
         .spawn(move || {
             let mut warned = false;
-            while !stop.load(Ordering::Relaxed) {
+            while !stop.is_cancelled() {
                 let age = heartbeat.age();
                 if age < period {
                     ping();
@@ -107,7 +108,7 @@ fn spawn_feeder(
                 }
                 // Sleep half a period in short steps, so stopping is prompt.
                 let until = Instant::now() + period / 2;
-                while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+                while Instant::now() < until && !stop.is_cancelled() {
                     std::thread::sleep(Duration::from_millis(10).min(period / 2));
                 }
             }
@@ -122,7 +123,7 @@ mod tests {
     fn the_watchdog_is_fed_only_while_the_heartbeat_is_fresh() {
         use std::sync::atomic::AtomicUsize;
         let hb = Arc::new(Heartbeat::default());
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = CancellationToken::new();
         let pings = Arc::new(AtomicUsize::new(0));
         let counter = pings.clone();
         let period = Duration::from_millis(200);
@@ -157,7 +158,7 @@ mod tests {
             pings.load(Ordering::SeqCst) > at_wedge,
             "feeding did not resume"
         );
-        stop.store(true, Ordering::SeqCst);
+        stop.cancel();
         feeder.join().unwrap();
     }
 

@@ -11,7 +11,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_with_mosquitto() {
@@ -444,5 +444,63 @@ async fn daemon_over_tls_with_a_client_certificate() {
     assert!(
         err.contains("mqtt.ca_file") && err.contains("bad-ca.pem"),
         "{err}"
+    );
+}
+
+/// SIGTERM while the model works on a request: nothing new is taken, the request in hand is
+/// aborted at `device.shutdown_timeout_s` (llama.cpp's abort callback) and answered
+/// `shutting_down`, `offline` is published, and the process exits within the timeout + 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_long_request_stops_within_the_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port_pair();
+    let _broker = Mosquitto::start(dir.path(), port);
+    let mut w = Watcher::connect(port, "watcher-sigterm").await;
+    let timeout = 1.0;
+    // A question of ~30 000 tokens: its prefill takes seconds, whatever the model answers.
+    let mut daemon = Daemon::start_with(
+        dir.path(),
+        &format!(
+            "[mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\n\
+             [device]\nshutdown_timeout_s = {timeout}\n\
+             [model]\nmax_tokens = 1\nn_ctx = 32768\n\
+             [requests]\nmax_text_bytes = 65536\n"
+        ),
+    );
+    w.expect("available", 60, is("online")).await;
+    w.expect("pose", 30, |_| true).await;
+    let long: String = (0..9000).map(|i| format!("w{} ", i % 97)).collect();
+    w.ask(&format!(r#"{{"id":"long","text":"{long}"}}"#)).await;
+    w.ask(r#"{"id":"queued","text":"And this one?"}"#).await;
+    // The question is in the model once the pose stream pauses (questions come first).
+    let mut quiet_since = Instant::now();
+    while quiet_since.elapsed() < Duration::from_millis(400) {
+        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(50), w.rx.recv()).await {
+            if m.topic.ends_with("/pose") {
+                quiet_since = Instant::now();
+            }
+        }
+    }
+    let signalled = Instant::now();
+    daemon.signal("-TERM");
+    // Both answered `shutting_down`, in whatever order.
+    let mut codes = std::collections::BTreeMap::new();
+    while codes.len() < 2 {
+        let a = json(&w.expect("answer", 10, |_| true).await);
+        codes.insert(
+            a["id"].as_str().unwrap().to_string(),
+            a["error"]["code"].clone(),
+        );
+    }
+    for id in ["long", "queued"] {
+        assert_eq!(codes[id], "shutting_down", "{id}: {codes:?}");
+    }
+    w.expect("available", 10, is("offline")).await;
+    let status = daemon.wait_exit(Duration::from_secs(10));
+    let took = signalled.elapsed();
+    assert!(status.success(), "{status}");
+    assert!(
+        took < Duration::from_secs_f64(timeout + 2.0),
+        "exited {took:?} after SIGTERM"
     );
 }

@@ -197,6 +197,31 @@ fn greedy_generation_matches_and_captures_the_state_that_chose_each_pose_token()
 }
 
 #[test]
+fn an_abort_flag_stops_decoding_and_the_session_recovers() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (prompt, want, _) = greedy_case();
+    let mut s = exact_session();
+    let flag = Arc::new(AtomicBool::new(true));
+    s.set_abort_flag(flag.clone());
+    let params = GenerateParams {
+        max_tokens: want.len(),
+        ..GenerateParams::default()
+    };
+    let e = s
+        .generate(&[Segment::Tokens(&prompt)], &params)
+        .unwrap_err();
+    assert!(matches!(e, LlmError::Aborted), "{e}");
+    assert_eq!(s.cached_positions(), 0);
+    // One decode on its own: llama.cpp's abort callback stops it.
+    let e = s.push_token(prompt[0], false).unwrap_err();
+    assert!(matches!(e, LlmError::Aborted), "{e}");
+    assert_eq!(s.cached_positions(), 0);
+    flag.store(false, Ordering::SeqCst);
+    let g = s.generate(&[Segment::Tokens(&prompt)], &params).unwrap();
+    assert_eq!(g.tokens, want);
+}
+
+#[test]
 fn kv_prefix_reuse_is_exact() {
     let (prompt, _, _) = greedy_case();
     let other: Vec<Token> = {

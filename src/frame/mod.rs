@@ -23,6 +23,7 @@ use crate::vision::{ImageLimits, Preprocessor, RgbImage};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
+use tokio_util::sync::CancellationToken;
 
 /// One captured frame.
 #[derive(Debug, Clone)]
@@ -241,9 +242,10 @@ impl LatestFrame {
     }
 }
 
-/// A running capture thread; stops when dropped or on [`Capture::stop`].
+/// A running capture thread; stops when dropped, on [`Capture::stop`], or when the token it
+/// was given is cancelled.
 pub struct Capture {
-    stop: Arc<AtomicBool>,
+    stop: CancellationToken,
     handle: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -261,7 +263,18 @@ impl Capture {
         slot: Arc<LatestFrame>,
         prepare: Option<Arc<Preprocessor>>,
     ) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
+        Self::spawn_until(source, fps, slot, prepare, &CancellationToken::new())
+    }
+
+    /// [`Capture::spawn_preparing`], stopping also when `shutdown` is cancelled.
+    pub fn spawn_until(
+        source: SourceBuilder,
+        fps: f32,
+        slot: Arc<LatestFrame>,
+        prepare: Option<Arc<Preprocessor>>,
+        shutdown: &CancellationToken,
+    ) -> Self {
+        let stop = shutdown.child_token();
         let stop_flag = stop.clone();
         let period = Duration::from_secs_f64(1.0 / fps.max(1e-3) as f64);
         let handle = std::thread::Builder::new()
@@ -271,7 +284,7 @@ impl Capture {
                 let mut source = (source.build)();
                 let mut seq = 0u64;
                 let mut next_at = Instant::now();
-                while !stop_flag.load(Ordering::Relaxed) {
+                while !stop_flag.is_cancelled() {
                     match source.next() {
                         Next::Frame(rgb, origin) => {
                             slot.source_down.store(false, Ordering::Relaxed);
@@ -333,7 +346,7 @@ impl Capture {
     }
 
     pub fn stop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop.cancel();
         if let Some(h) = self.handle.take() {
             if h.join().is_err() {
                 log::error!("capture thread panicked");
@@ -348,10 +361,10 @@ impl Drop for Capture {
     }
 }
 
-fn sleep_unless_stopped(total: Duration, stop: &AtomicBool) {
+fn sleep_unless_stopped(total: Duration, stop: &CancellationToken) {
     let step = Duration::from_millis(20);
     let end = Instant::now() + total;
-    while !stop.load(Ordering::Relaxed) {
+    while !stop.is_cancelled() {
         let now = Instant::now();
         if now >= end {
             return;

@@ -79,4 +79,6 @@ pub enum LlmError {
     },
     #[error("llama.cpp returned no {what} for the decoded position")]
     NoOutput { what: &'static str },
+    #[error("stopped before it finished (the daemon is shutting down)")]
+    Aborted,
 }

@@ -9,6 +9,7 @@ use llama_cpp_sys_2 as sys;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -137,6 +138,9 @@ pub struct Session {
     cache: Vec<CacheKey>,
     embeddings_on: bool,
     last_reused: usize,
+    /// Set by another thread to stop a running decode (llama.cpp's abort callback reads it)
+    /// and a generation between tokens.
+    abort: Option<Arc<AtomicBool>>,
 }
 
 // SAFETY: the context is owned exclusively by this Session and used only through &mut self
@@ -197,7 +201,28 @@ impl Session {
             cache: Vec::new(),
             embeddings_on: false,
             last_reused: 0,
+            abort: None,
         })
+    }
+
+    /// From now on, a decode stops soon after `flag` becomes true (llama.cpp checks it between
+    /// the graph's operations), and so does a generation, between tokens: both then fail with
+    /// [`LlmError::Aborted`]. What the KV cache held is forgotten.
+    pub fn set_abort_flag(&mut self, flag: Arc<AtomicBool>) {
+        let data = Arc::as_ptr(&flag) as *mut std::ffi::c_void;
+        let callback: unsafe extern "C" fn(*mut std::ffi::c_void) -> bool = abort_requested;
+        // SAFETY: ctx is valid. `data` points to the AtomicBool that `self.abort` keeps alive
+        // for as long as the context exists (the field is dropped after `llama_free` in Drop,
+        // and replacing it here first installs the new pointer); `abort_requested` only reads
+        // it atomically, from whichever thread runs the graph.
+        unsafe { sys::llama_set_abort_callback(self.ctx.as_ptr(), Some(callback), data) };
+        self.abort = Some(flag);
+    }
+
+    fn aborted(&self) -> bool {
+        self.abort
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::Relaxed))
     }
 
     pub fn model(&self) -> &Arc<Model> {
@@ -267,6 +292,10 @@ impl Session {
         };
         let mut start = common;
         while start < body_end {
+            if self.aborted() {
+                self.clear();
+                return Err(LlmError::Aborted);
+            }
             let kind = is_embedding(inputs[start]);
             let mut end = start + 1;
             while end < body_end && end - start < self.n_batch && is_embedding(inputs[end]) == kind
@@ -353,6 +382,9 @@ impl Session {
             }
             if self.cache.len() + 1 > self.n_ctx as usize {
                 break StopReason::ContextFull;
+            }
+            if self.aborted() {
+                return Err(LlmError::Aborted);
             }
             out = self.push_token(token, capture)?;
         };
@@ -464,6 +496,9 @@ impl Session {
         if code != 0 {
             // A failed decode may leave part of the batch in the cache: start clean.
             self.clear();
+            if code == 2 && self.aborted() {
+                return Err(LlmError::Aborted);
+            }
             return Err(LlmError::Decode {
                 code,
                 from: start,
@@ -521,6 +556,14 @@ impl Drop for Session {
         // the Arc<Model> it depends on is released.
         unsafe { sys::llama_free(self.ctx.as_ptr()) }
     }
+}
+
+/// llama.cpp's abort callback: whether the session's abort flag is set.
+extern "C" fn abort_requested(data: *mut std::ffi::c_void) -> bool {
+    // SAFETY: `data` is the pointer set_abort_flag installed: an AtomicBool kept alive by the
+    // session for as long as the context (and so this callback) exists.
+    let flag = unsafe { &*(data as *const AtomicBool) };
+    flag.load(Ordering::Relaxed)
 }
 
 /// An owned llama_batch, freed on drop.

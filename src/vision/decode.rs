@@ -67,6 +67,28 @@ impl ImageLimits {
     }
 }
 
+/// The format and size of a JPEG or PNG, read from its header, within `limits`: what a
+/// decode would cost, known in microseconds.
+pub fn check_image_header(
+    bytes: &[u8],
+    what: &str,
+    limits: &ImageLimits,
+) -> Result<(image::ImageFormat, u32, u32), VisionError> {
+    let not_an_image = |reason: String| VisionError::NotAnImage {
+        what: what.to_string(),
+        reason,
+    };
+    let format = image::guess_format(bytes).map_err(|e| not_an_image(e.to_string()))?;
+    if !matches!(format, image::ImageFormat::Jpeg | image::ImageFormat::Png) {
+        return Err(not_an_image(format!("it is {format:?}")));
+    }
+    let (width, height) = image::ImageReader::with_format(Cursor::new(bytes), format)
+        .into_dimensions()
+        .map_err(|e| not_an_image(e.to_string()))?;
+    limits.check(width, height, what)?;
+    Ok((format, width, height))
+}
+
 /// Decode a JPEG or PNG from memory within `limits`. `what` names the source in errors (a
 /// path, "field `image.inline`").
 pub fn decode_image(
@@ -78,15 +100,8 @@ pub fn decode_image(
         what: what.to_string(),
         reason,
     };
-    let format = image::guess_format(bytes).map_err(|e| not_an_image(e.to_string()))?;
-    if !matches!(format, image::ImageFormat::Jpeg | image::ImageFormat::Png) {
-        return Err(not_an_image(format!("it is {format:?}")));
-    }
+    let (format, width, height) = check_image_header(bytes, what, limits)?;
     let reader = || image::ImageReader::with_format(Cursor::new(bytes), format);
-    let (width, height) = reader()
-        .into_dimensions()
-        .map_err(|e| not_an_image(e.to_string()))?;
-    limits.check(width, height, what)?;
     // The decoder's own allocation limit as a second guard: the RGBA the PNG decoder may
     // expand to, plus room for the RGB copy.
     let mut decoder = reader();

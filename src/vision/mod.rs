@@ -21,7 +21,7 @@ pub mod linear;
 pub mod ops;
 mod panel;
 
-pub use decode::{decode_image, load_image, load_image_limited, ImageLimits};
+pub use decode::{check_image_header, decode_image, load_image, load_image_limited, ImageLimits};
 
 use std::path::{Path, PathBuf};
 use tract_onnx::prelude::*;

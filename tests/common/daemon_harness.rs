@@ -89,28 +89,35 @@ pub struct Daemon(pub Child);
 
 impl Daemon {
     pub fn start(dir: &Path, mqtt_section: &str) -> Self {
-        Self::start_with(dir, mqtt_section, "")
+        Self::start_with(dir, mqtt_section)
     }
 
-    /// The daemon on models/test-tiny and the sample frames; `sections` (whole TOML sections)
-    /// are written after the `[mqtt]` ones, with `mqtt_section` before them.
-    pub fn start_with(dir: &Path, mqtt_section: &str, sections: &str) -> Self {
-        let config = dir.join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[device]\nid = \"{DEVICE}\"\n\
-                 [model]\nbundle = \"{}\"\nthreads = 2\nmax_tokens = 12\n\
-                 [source]\nkind = \"dir\"\npath = \"{}\"\nfps = 20.0\n\
-                 [pose]\nmax_rate_hz = 10.0\n\
-                 [requests]\nqueue = 2\nmax_text_bytes = 200\nmax_image_bytes = 100000\n\
-                 {mqtt_section}\nstats_interval_s = 1.0\n{sections}",
-                root().join("models/test-tiny").display(),
-                root().join("models/samples").display(),
-            ),
-        )
-        .unwrap();
-        Self::start_config(&config)
+    /// The daemon on models/test-tiny and the sample frames, with the keys of `overrides` (a
+    /// TOML text, e.g. an `[mqtt]` section) replacing the base config's.
+    pub fn start_with(dir: &Path, overrides: &str) -> Self {
+        let base = format!(
+            "[device]\nid = \"{DEVICE}\"\n\
+             [model]\nbundle = \"{}\"\nthreads = 2\nmax_tokens = 12\n\
+             [source]\nkind = \"dir\"\npath = \"{}\"\nfps = 20.0\n\
+             [pose]\nmax_rate_hz = 10.0\n\
+             [requests]\nqueue = 2\nmax_text_bytes = 200\nmax_image_bytes = 100000\n\
+             [mqtt]\nstats_interval_s = 1.0\n",
+            root().join("models/test-tiny").display(),
+            root().join("models/samples").display(),
+        );
+        let mut config: toml::Table = toml::from_str(&base).unwrap();
+        let overrides: toml::Table = toml::from_str(overrides).expect("overrides are TOML");
+        for (section, keys) in overrides {
+            match (config.get_mut(&section), keys) {
+                (Some(toml::Value::Table(have)), toml::Value::Table(keys)) => have.extend(keys),
+                (_, keys) => {
+                    config.insert(section, keys);
+                }
+            }
+        }
+        let path = dir.join("config.toml");
+        std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+        Self::start_config(&path)
     }
 
     /// The daemon with a config file of the caller's.

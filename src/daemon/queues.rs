@@ -1,0 +1,210 @@
+//! The hand-overs from the inference thread and the intake to the publisher, each with what
+//! happens when it is full.
+
+use crate::mqtt::ReplyTo;
+use crate::posegpt::{FramePose, Reply};
+use crate::protocol::{Answer, ErrorReply};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+use tokio::sync::{mpsc, Notify};
+
+/// A pose made by the inference thread, encoded and published on the MQTT side.
+pub struct PoseDone {
+    pub seq: u64,
+    pub frame_seq: u64,
+    pub captured_at: SystemTime,
+    pub latency_ms: f64,
+    pub pose: FramePose,
+}
+
+/// Poses to the publisher. When full, the oldest pose is dropped and counted: a late pose is
+/// worth less than the next one, and the inference thread never waits for the network.
+pub struct PoseQueue {
+    poses: Mutex<VecDeque<PoseDone>>,
+    cap: usize,
+    dropped: AtomicU64,
+    ready: Notify,
+}
+
+impl PoseQueue {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            poses: Mutex::new(VecDeque::with_capacity(cap)),
+            cap: cap.max(1),
+            dropped: AtomicU64::new(0),
+            ready: Notify::new(),
+        }
+    }
+
+    pub fn push(&self, pose: PoseDone) {
+        let mut q = self.poses.lock().unwrap_or_else(|e| e.into_inner());
+        if q.len() >= self.cap {
+            q.pop_front();
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        q.push_back(pose);
+        drop(q);
+        self.ready.notify_one();
+    }
+
+    /// Every pose waiting, oldest first.
+    pub fn take_all(&self) -> Vec<PoseDone> {
+        let mut q = self.poses.lock().unwrap_or_else(|e| e.into_inner());
+        q.drain(..).collect()
+    }
+
+    /// Until a pose was pushed since the last wait.
+    pub async fn wait(&self) {
+        self.ready.notified().await;
+    }
+
+    /// Poses dropped because the publisher fell behind.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// What a request is answered with.
+pub enum ReplyBody {
+    Answer { id: String, reply: Box<Reply> },
+    Error(ErrorReply),
+}
+
+impl ReplyBody {
+    /// The JSON payload (on the MQTT side, not the inference thread).
+    pub fn encode(&self) -> Result<Vec<u8>, serde_json::Error> {
+        match self {
+            ReplyBody::Answer { id, reply } => serde_json::to_vec(&Answer::new(id, reply)),
+            ReplyBody::Error(e) => serde_json::to_vec(e),
+        }
+    }
+}
+
+/// A reply and where it goes.
+pub struct Outgoing {
+    pub reply_to: ReplyTo,
+    pub body: ReplyBody,
+    /// The answer to a request that was accepted into the queue.
+    pub accepted: bool,
+}
+
+/// Replies to the publisher. Answers to accepted requests wait for room and are never dropped
+/// (at most `requests.queue` + 1 requests are accepted at a time, and the publisher drains the
+/// channel continuously); refusals are dropped and counted when it is full, since their
+/// requests were never accepted.
+#[derive(Clone)]
+pub struct Replies {
+    tx: mpsc::Sender<Outgoing>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Replies {
+    pub fn channel(cap: usize) -> (Self, mpsc::Receiver<Outgoing>) {
+        let (tx, rx) = mpsc::channel(cap.max(1));
+        (
+            Self {
+                tx,
+                dropped: Arc::new(AtomicU64::new(0)),
+            },
+            rx,
+        )
+    }
+
+    /// From the inference thread: the answer to an accepted request, waiting for room.
+    /// Returns false when the publisher is gone (the daemon is past shutting down).
+    pub fn answer_blocking(&self, reply_to: ReplyTo, body: ReplyBody) -> bool {
+        self.tx
+            .blocking_send(Outgoing {
+                reply_to,
+                body,
+                accepted: true,
+            })
+            .is_ok()
+    }
+
+    /// A refusal: queued if there is room, else dropped and counted.
+    pub fn refuse(&self, reply_to: ReplyTo, error: ErrorReply) {
+        let out = Outgoing {
+            reply_to,
+            body: ReplyBody::Error(error),
+            accepted: false,
+        };
+        if self.tx.try_send(out).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Refusals dropped because the channel was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::ErrorCode;
+
+    fn pose(seq: u64) -> PoseDone {
+        use crate::pose_head::SmplPose;
+        use crate::posegpt::{Pose, Timings};
+        let mut raw = [0f32; 144];
+        for j in 0..24 {
+            raw[j * 6] = 1.0;
+            raw[j * 6 + 4] = 1.0;
+        }
+        let pose = Pose {
+            smpl: SmplPose::from_rot6d(&raw),
+            joints: Vec::new(),
+            confidence: 1.0,
+            raw,
+            hidden: Vec::new(),
+        };
+        PoseDone {
+            seq,
+            frame_seq: seq,
+            captured_at: SystemTime::now(),
+            latency_ms: 0.0,
+            pose: FramePose {
+                pose,
+                timings: Timings::default(),
+            },
+        }
+    }
+
+    #[test]
+    fn a_full_pose_queue_drops_its_oldest_and_counts_it() {
+        let q = PoseQueue::new(2);
+        for seq in 0..5 {
+            q.push(pose(seq));
+        }
+        let kept: Vec<u64> = q.take_all().iter().map(|p| p.seq).collect();
+        assert_eq!(kept, [3, 4]);
+        assert_eq!(q.dropped(), 3);
+        assert!(q.take_all().is_empty());
+    }
+
+    #[test]
+    fn refusals_are_dropped_when_full_and_answers_wait() {
+        let (replies, mut rx) = Replies::channel(2);
+        let refusal = || ErrorReply::new(None, ErrorCode::Busy, "full");
+        replies.refuse(ReplyTo::default(), refusal());
+        replies.refuse(ReplyTo::default(), refusal());
+        replies.refuse(ReplyTo::default(), refusal());
+        assert_eq!(replies.dropped(), 1);
+        // An accepted answer waits for room instead of being dropped.
+        let r = replies.clone();
+        let answer = std::thread::spawn(move || {
+            r.answer_blocking(ReplyTo::default(), ReplyBody::Error(refusal()))
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!answer.is_finished(), "the answer did not wait for room");
+        assert!(!rx.blocking_recv().unwrap().accepted);
+        assert!(answer.join().unwrap());
+        assert!(!rx.blocking_recv().unwrap().accepted);
+        assert!(rx.blocking_recv().unwrap().accepted);
+        assert_eq!(replies.dropped(), 1);
+    }
+}

@@ -1,0 +1,138 @@
+//! The daemon's counters, and the task that turns them into a `<base>/stats` message every
+//! `mqtt.stats_interval_s`. Stats are latest-only: each interval's message replaces the last in
+//! a slot of its own, never in the replies' outbox, so an outage cannot pile them up.
+
+use super::queues::{PoseQueue, Replies};
+use crate::frame::LatestFrame;
+use crate::mqtt::MqttCounters;
+use crate::protocol::Stats;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+const LATENCY_WINDOW: usize = 1000;
+
+/// Counters the inference thread and the intake keep.
+#[derive(Default)]
+pub struct Metrics {
+    pub poses: AtomicU64,
+    pub answered: AtomicU64,
+    pub rejected: AtomicU64,
+    pub generated_tokens: AtomicU64,
+    pub generate_us: AtomicU64,
+    /// Recent capture-to-publish latencies (ms), newest last.
+    latencies: Mutex<VecDeque<f64>>,
+}
+
+impl Metrics {
+    pub fn record_latency(&self, ms: f64) {
+        let mut l = self.latencies.lock().unwrap_or_else(|e| e.into_inner());
+        if l.len() == LATENCY_WINDOW {
+            l.pop_front();
+        }
+        l.push_back(ms);
+    }
+
+    fn sorted_latencies(&self) -> Vec<f64> {
+        let mut lat: Vec<f64> = self
+            .latencies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        lat.sort_by(f64::total_cmp);
+        lat
+    }
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[i]
+}
+
+/// What the stats message is made from.
+pub struct Sources {
+    pub metrics: Arc<Metrics>,
+    pub slot: Arc<LatestFrame>,
+    pub mqtt: Arc<MqttCounters>,
+    pub poses: Arc<PoseQueue>,
+    pub replies: Replies,
+}
+
+/// Every `every`, the stats as JSON into `out` (latest wins), until `shutdown`.
+pub async fn run(
+    sources: Sources,
+    every: Duration,
+    out: watch::Sender<Option<Vec<u8>>>,
+    shutdown: CancellationToken,
+) {
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    let mut health = crate::health::HealthReader::default();
+    let mut last_poses = 0u64;
+    let mut last_at = Instant::now();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let Sources {
+            metrics,
+            slot,
+            mqtt,
+            poses,
+            replies,
+        } = &sources;
+        let count = metrics.poses.load(Ordering::Relaxed);
+        let now = Instant::now();
+        let lat = metrics.sorted_latencies();
+        let gen_s = metrics.generate_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let stats = Stats {
+            uptime_s: started.elapsed().as_secs_f64(),
+            source_up: slot.source_up(),
+            pose_fps: (count - last_poses) as f64 / (now - last_at).as_secs_f64(),
+            latency_ms_p50: percentile(&lat, 0.5),
+            latency_ms_p95: percentile(&lat, 0.95),
+            latency_ms_p99: percentile(&lat, 0.99),
+            frames_captured: slot.captured(),
+            frames_dropped: slot.dropped(),
+            frames_skipped: slot.skipped(),
+            poses_published: count,
+            asks_answered: metrics.answered.load(Ordering::Relaxed),
+            asks_rejected: metrics.rejected.load(Ordering::Relaxed)
+                + mqtt.asks_refused_busy.load(Ordering::Relaxed),
+            outbox_dropped: mqtt.outbox_dropped.load(Ordering::Relaxed)
+                + mqtt.poses_dropped_offline.load(Ordering::Relaxed)
+                + mqtt.replies_dropped.load(Ordering::Relaxed)
+                + poses.dropped()
+                + replies.dropped(),
+            tokens_per_s: if gen_s > 0.0 {
+                metrics.generated_tokens.load(Ordering::Relaxed) as f64 / gen_s
+            } else {
+                0.0
+            },
+            health: health.read(),
+        };
+        log::info!(
+            "stats: {:.1} poses/s, latency p50 {:.0} ms p99 {:.0} ms, frames {} captured {} dropped, asks {} answered {} refused",
+            stats.pose_fps, stats.latency_ms_p50, stats.latency_ms_p99,
+            stats.frames_captured, stats.frames_dropped, stats.asks_answered, stats.asks_rejected
+        );
+        last_poses = count;
+        last_at = now;
+        match serde_json::to_vec(&stats) {
+            Ok(p) => {
+                out.send_replace(Some(p));
+            }
+            Err(e) => log::error!("cannot encode stats: {e}"),
+        }
+    }
+}

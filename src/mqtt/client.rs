@@ -1,0 +1,331 @@
+//! The daemon's MQTT client, split as rumqttc needs it: [`poll_loop`] only polls the event loop
+//! and hands on what arrives, and [`Publisher`] (on the daemon's main task) owns sending.
+//!
+//! What happens to each kind of message while the broker is unreachable:
+//! * answers and error replies wait in a bounded outbox and go out after the next ConnAck;
+//!   when it is full, refusals (`busy`, invalid requests) go first, oldest first, so that
+//!   answers to accepted requests — at most `requests.queue` + 1 of them at a time — are kept;
+//! * poses are a live stream: dropped and counted;
+//! * stats are latest-only: not kept, the next interval's stats replace them.
+//!
+//! Every ConnAck re-subscribes and re-announces `online`: the session may be gone.
+
+use super::{IncomingAsk, MqttCounters, ReplyTo, Topics};
+use crate::protocol::{peek_id, ErrorCode, ErrorReply};
+use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, EventLoop};
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+/// Poll the event loop until our own disconnect has been sent (or `hard_stop`, the fallback):
+/// hand asks on, count connections in `connections`, back off between errors. It never waits
+/// to publish: when `asks` is full, the ask is answered `busy` with a non-blocking publish.
+pub async fn poll_loop(
+    mut eventloop: EventLoop,
+    topics: Topics,
+    client: AsyncClient,
+    asks: mpsc::Sender<IncomingAsk>,
+    connections: watch::Sender<u64>,
+    counters: Arc<MqttCounters>,
+    hard_stop: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(200);
+    let mut last_failure: Option<String> = None;
+    loop {
+        let event = tokio::select! {
+            _ = hard_stop.cancelled() => return,
+            ev = eventloop.poll() => ev,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                log::info!("connected to the MQTT broker");
+                counters.connected.store(true, Ordering::SeqCst);
+                backoff = Duration::from_millis(200);
+                last_failure = None;
+                connections.send_modify(|n| *n += 1);
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                if p.topic.as_ref() != topics.ask.as_bytes() {
+                    continue;
+                }
+                let props = p.properties.unwrap_or_default();
+                let ask = IncomingAsk {
+                    payload: p.payload.to_vec(),
+                    reply_to: ReplyTo {
+                        response_topic: props.response_topic,
+                        correlation: props.correlation_data.map(|b| b.to_vec()),
+                    },
+                };
+                match asks.try_send(ask) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(ask)) => {
+                        refuse_busy(&client, &topics, ask, &counters)
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => return,
+                }
+            }
+            Ok(Event::Incoming(Packet::PubAck(_))) => {
+                counters.pubacks.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+                // Our own clean disconnect at shutdown: everything before it was written.
+                counters.connected.store(false, Ordering::SeqCst);
+                return;
+            }
+            Ok(Event::Incoming(Packet::Disconnect(d))) => {
+                log::warn!("the broker disconnected us: {:?}", d.reason_code);
+                counters.connected.store(false, Ordering::SeqCst);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let text = e.to_string();
+                if counters.connected.swap(false, Ordering::SeqCst) {
+                    log::warn!("MQTT connection lost: {text}");
+                    counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                } else if last_failure.as_deref() != Some(text.as_str()) {
+                    // Say why once (a refused TLS handshake, a wrong port...), not every retry.
+                    log::warn!("cannot connect to the MQTT broker: {text}; retrying with backoff");
+                } else {
+                    log::debug!("MQTT connection attempt failed: {text}; next in {backoff:?}");
+                }
+                last_failure = Some(text);
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = hard_stop.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// An ask that found the intake full: answered `busy` without waiting (try_publish never
+/// blocks the poll); if even that cannot be queued, counted.
+fn refuse_busy(client: &AsyncClient, topics: &Topics, ask: IncomingAsk, counters: &MqttCounters) {
+    counters.asks_refused_busy.fetch_add(1, Ordering::Relaxed);
+    let reply = ErrorReply::new(
+        peek_id(&ask.payload),
+        ErrorCode::Busy,
+        "the daemon's request intake is full; try again shortly",
+    );
+    let Ok(payload) = serde_json::to_vec(&reply) else {
+        return;
+    };
+    let (topic, props) = reply_target(topics, &ask.reply_to);
+    if client
+        .try_publish_with_properties(topic, QoS::AtLeastOnce, false, payload, props)
+        .is_err()
+    {
+        counters.replies_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Where a reply goes: an MQTT 5 request's response topic (with its correlation data), else
+/// the answer topic.
+fn reply_target(topics: &Topics, reply_to: &ReplyTo) -> (String, PublishProperties) {
+    match &reply_to.response_topic {
+        Some(topic) => (
+            topic.clone(),
+            PublishProperties {
+                correlation_data: reply_to.correlation.clone().map(Into::into),
+                ..Default::default()
+            },
+        ),
+        None => (topics.answer.clone(), PublishProperties::default()),
+    }
+}
+
+/// A reply kept while the broker is unreachable.
+struct Kept {
+    reply_to: ReplyTo,
+    payload: Vec<u8>,
+    /// The answer to an accepted request (kept before refusals when the outbox is full).
+    accepted: bool,
+}
+
+/// Publishes what the daemon produces; keeps replies in a bounded outbox while offline.
+pub struct Publisher {
+    client: AsyncClient,
+    topics: Topics,
+    pose_qos: QoS,
+    outbox: VecDeque<Kept>,
+    outbox_cap: usize,
+    counters: Arc<MqttCounters>,
+    /// QoS 1 publishes handed to the client, to know when the broker has confirmed them all.
+    qos1_sent: u64,
+}
+
+impl Publisher {
+    pub fn new(
+        client: AsyncClient,
+        topics: Topics,
+        pose_qos: u8,
+        outbox_cap: usize,
+        counters: Arc<MqttCounters>,
+    ) -> Self {
+        Self {
+            client,
+            topics,
+            pose_qos: if pose_qos == 0 {
+                QoS::AtMostOnce
+            } else {
+                QoS::AtLeastOnce
+            },
+            outbox: VecDeque::new(),
+            outbox_cap: outbox_cap.max(1),
+            counters,
+            qos1_sent: 0,
+        }
+    }
+
+    fn connected(&self) -> bool {
+        self.counters.connected.load(Ordering::SeqCst)
+    }
+
+    /// After each ConnAck: subscribe, announce `online`, deliver what waited.
+    pub async fn on_connected(&mut self) {
+        if let Err(e) = self
+            .client
+            .subscribe(self.topics.ask.clone(), QoS::AtLeastOnce)
+            .await
+        {
+            log::warn!("subscribing to {} failed: {e}", self.topics.ask);
+        }
+        self.publish_status("online").await;
+        let waiting: Vec<Kept> = self.outbox.drain(..).collect();
+        if !waiting.is_empty() {
+            log::info!("delivering {} replies kept while offline", waiting.len());
+        }
+        for k in waiting {
+            self.send_reply(k.reply_to, k.payload, k.accepted).await;
+        }
+    }
+
+    async fn publish_status(&mut self, status: &str) {
+        let topic = self.topics.available.clone();
+        match self
+            .client
+            .publish(topic, QoS::AtLeastOnce, true, status.to_string())
+            .await
+        {
+            Ok(()) => self.qos1_sent += 1,
+            Err(e) => log::warn!("publishing {status} failed: {e}"),
+        }
+    }
+
+    /// A pose message: published when connected, else dropped and counted (a live stream).
+    pub async fn publish_pose(&mut self, payload: Vec<u8>) {
+        if !self.connected() {
+            self.counters
+                .poses_dropped_offline
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let topic = self.topics.pose.clone();
+        match self
+            .client
+            .publish(topic, self.pose_qos, false, payload)
+            .await
+        {
+            Ok(()) => self.qos1_sent += u64::from(self.pose_qos == QoS::AtLeastOnce),
+            Err(e) => log::warn!("publishing a pose failed ({e}); dropped"),
+        }
+    }
+
+    /// A stats message: published when connected, else skipped (the next ones replace it).
+    pub async fn publish_stats(&mut self, payload: Vec<u8>) {
+        if !self.connected() {
+            return;
+        }
+        let topic = self.topics.stats.clone();
+        if let Err(e) = self
+            .client
+            .publish(topic, QoS::AtMostOnce, false, payload)
+            .await
+        {
+            log::debug!("publishing stats failed: {e}");
+        }
+    }
+
+    /// A reply to a request: published now if connected, else kept for the next connection.
+    pub async fn send_reply(&mut self, reply_to: ReplyTo, payload: Vec<u8>, accepted: bool) {
+        if !self.connected() {
+            return self.keep(Kept {
+                reply_to,
+                payload,
+                accepted,
+            });
+        }
+        let (topic, props) = reply_target(&self.topics, &reply_to);
+        match self
+            .client
+            .publish_with_properties(topic, QoS::AtLeastOnce, false, payload.clone(), props)
+            .await
+        {
+            Ok(()) => self.qos1_sent += 1,
+            Err(e) => {
+                log::warn!("publish failed ({e}); keeping the reply for the next connection");
+                self.keep(Kept {
+                    reply_to,
+                    payload,
+                    accepted,
+                });
+            }
+        }
+    }
+
+    fn keep(&mut self, kept: Kept) {
+        if self.outbox.len() >= self.outbox_cap {
+            let victim = self.outbox.iter().position(|k| !k.accepted).unwrap_or(0);
+            if self.outbox[victim].accepted {
+                log::error!(
+                    "the outbox is full of answers to accepted requests: the oldest is dropped; \
+                     raise mqtt.outbox above requests.queue"
+                );
+            }
+            self.outbox.remove(victim);
+            self.counters.outbox_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        self.outbox.push_back(kept);
+    }
+
+    /// Replies waiting for a connection.
+    pub fn waiting(&self) -> usize {
+        self.outbox.len()
+    }
+
+    /// Announce `offline` and disconnect cleanly (the will is not sent on a clean disconnect),
+    /// waiting at most `within` for the broker to confirm what was sent.
+    pub async fn close(&mut self, within: Duration) {
+        if self.connected() {
+            self.publish_status("offline").await;
+            // Disconnect only once the broker confirmed what we sent (answers and `offline`):
+            // a broker may otherwise drop a publish that arrives right before a disconnect.
+            let deadline = tokio::time::Instant::now() + within;
+            while self.counters.pubacks.load(Ordering::SeqCst) < self.qos1_sent
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            log::debug!(
+                "closing: {} of {} QoS 1 publishes acknowledged",
+                self.counters.pubacks.load(Ordering::SeqCst),
+                self.qos1_sent
+            );
+        }
+        if !self.outbox.is_empty() {
+            log::warn!(
+                "{} replies could not be delivered before the broker went away",
+                self.outbox.len()
+            );
+        }
+        if let Err(e) = self.client.disconnect().await {
+            log::debug!("disconnect: {e}");
+        }
+    }
+}
