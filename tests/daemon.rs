@@ -221,9 +221,14 @@ async fn daemon_survives_a_broker_restart() {
     w.expect("available", 60, is("online")).await;
     w.expect("pose", 30, |_| true).await;
 
-    // The broker goes away (no persistence: every session is lost) and comes back.
+    // The broker goes away (no persistence: every session is lost) and comes back once the
+    // daemon has noticed and made a pose it could not send.
     drop(broker);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    daemon.wait_log("MQTT connection lost", Duration::from_secs(30));
+    daemon.wait_log(
+        "poses are dropped until it is back",
+        Duration::from_secs(30),
+    );
     let _broker = Mosquitto::start(dir.path(), port);
 
     // The daemon reconnects, announces itself again, resubscribes and resumes the stream.
@@ -275,10 +280,16 @@ async fn answer_made_during_an_outage_is_delivered_after_reconnect() {
 
     daemon.signal("-STOP");
     w.ask(r#"{"id":"in-outage","text":"Still there?"}"#).await;
-    // Give the broker time to forward the question into the stopped daemon's socket.
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // The broker has forwarded the question once it waits unread in the daemon's socket.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while daemon.unread_from(port) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the question never reached the daemon's socket"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     drop(broker);
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let subacks = w.subacks.load(Ordering::SeqCst);
     let _broker = Mosquitto::start(dir.path(), port);
     w.wait_subacks(subacks + 2, 30).await;
@@ -410,8 +421,11 @@ async fn daemon_over_tls_with_a_client_certificate() {
         dir.path(),
         &format!("[mqtt]\nurl = \"mqtts://localhost:{tls_port}\"\nca_file = \"ca.pem\""),
     );
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    assert!(daemon.0.try_wait().unwrap().is_none(), "the daemon exited");
+    daemon.wait_log("cannot connect to the MQTT broker", Duration::from_secs(60));
+    assert!(
+        daemon.child.try_wait().unwrap().is_none(),
+        "the daemon exited"
+    );
     daemon.signal("-TERM");
     assert!(daemon.wait_exit(Duration::from_secs(30)).success());
     while let Ok(m) = w.rx.try_recv() {

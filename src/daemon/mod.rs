@@ -55,8 +55,11 @@ pub fn run(config: Config) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
+        // Listening from the first moment: a signal during loading stops the daemon cleanly
+        // as soon as it runs.
+        let signals = Signals::new()?;
         let mut daemon = start(&config)?;
-        daemon.serve(&config).await?;
+        daemon.serve(&config, signals).await;
         daemon
             .stop(Duration::from_secs_f64(config.device.shutdown_timeout_s))
             .await;
@@ -295,14 +298,30 @@ fn runtime_options(config: &Config, skeleton: crate::smpl::Skeleton) -> RuntimeO
     }
 }
 
+/// SIGINT and SIGTERM, listened for once: a fresh future per turn would miss a signal that
+/// arrives while another branch runs.
+pub struct Signals {
+    sigint: tokio::signal::unix::Signal,
+    sigterm: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub fn new() -> Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            sigterm: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+            sigint: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+        })
+    }
+}
+
 impl Running {
     /// Publish what the threads produce until SIGINT or SIGTERM.
-    pub async fn serve(&mut self, config: &Config) -> Result<()> {
-        use tokio::signal::unix::{signal, SignalKind};
-        // Created once: a fresh future per turn would miss a signal that arrives while
-        // another branch runs.
-        let mut sigterm = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
-        let mut sigint = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    pub async fn serve(&mut self, config: &Config, signals: Signals) {
+        let Signals {
+            mut sigint,
+            mut sigterm,
+        } = signals;
         let running = format!(
             "running: device {}, topics under {}/",
             config.device.id, self.topics.base
@@ -331,7 +350,6 @@ impl Running {
                 }
             }
         }
-        Ok(())
     }
 
     /// Stop everything within `timeout` + 2 s: no new work; the request in hand may finish

@@ -158,6 +158,8 @@ pub struct Publisher {
     counters: Arc<MqttCounters>,
     /// QoS 1 publishes handed to the client, to know when the broker has confirmed them all.
     qos1_sent: u64,
+    /// Whether this outage's first dropped pose was logged.
+    drop_logged: bool,
 }
 
 impl Publisher {
@@ -180,6 +182,7 @@ impl Publisher {
             outbox_cap: outbox_cap.max(1),
             counters,
             qos1_sent: 0,
+            drop_logged: false,
         }
     }
 
@@ -189,6 +192,7 @@ impl Publisher {
 
     /// After each ConnAck: subscribe, announce `online`, deliver what waited.
     pub async fn on_connected(&mut self) {
+        self.drop_logged = false;
         if let Err(e) = self
             .client
             .subscribe(self.topics.ask.clone(), QoS::AtLeastOnce)
@@ -224,6 +228,10 @@ impl Publisher {
             self.counters
                 .poses_dropped_offline
                 .fetch_add(1, Ordering::Relaxed);
+            if !self.drop_logged {
+                log::info!("broker unreachable: poses are dropped until it is back, replies kept");
+                self.drop_logged = true;
+            }
             return;
         }
         let topic = self.topics.pose.clone();

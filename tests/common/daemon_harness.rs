@@ -11,7 +11,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -85,7 +85,11 @@ impl Drop for Mosquitto {
 }
 
 /// The daemon as a child process.
-pub struct Daemon(pub Child);
+pub struct Daemon {
+    pub child: Child,
+    /// The daemon's log lines so far (they are also copied to the test's stderr).
+    log: Arc<(Mutex<Vec<String>>, Condvar)>,
+}
 
 impl Daemon {
     pub fn start(dir: &Path, mqtt_section: &str) -> Self {
@@ -122,7 +126,7 @@ impl Daemon {
 
     /// The daemon with a config file of the caller's.
     pub fn start_config(config: &Path) -> Self {
-        let child = Command::new(env!("CARGO_BIN_EXE_posegpt-edge"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_posegpt-edge"))
             .args(["run", "--config"])
             .arg(config)
             .env(
@@ -130,15 +134,78 @@ impl Daemon {
                 std::env::var("DAEMON_LOG").unwrap_or_else(|_| "info".into()),
             )
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("start the daemon");
-        Self(child)
+        let log = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let lines = log.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("{line}");
+                lines.0.lock().unwrap().push(line);
+                lines.1.notify_all();
+            }
+        });
+        Self { child, log }
+    }
+
+    /// The first log line containing `needle` (from the start), waiting up to `within`.
+    pub fn wait_log(&self, needle: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        let (lines, changed) = &*self.log;
+        let mut lines = lines.lock().unwrap();
+        loop {
+            if let Some(l) = lines.iter().find(|l| l.contains(needle)) {
+                return l.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "the daemon did not log {needle:?} within {within:?}"
+            );
+            lines = changed.wait_timeout(lines, left).unwrap().0;
+        }
+    }
+
+    /// Bytes waiting unread in the daemon's TCP connection to `port` (the kernel's receive
+    /// queue): what a broker sent that the daemon has not read yet.
+    pub fn unread_from(&self, port: u16) -> usize {
+        let fds = std::fs::read_dir(format!("/proc/{}/fd", self.child.id())).unwrap();
+        let inodes: Vec<String> = fds
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter_map(|l| {
+                let l = l.to_string_lossy().into_owned();
+                Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+            })
+            .collect();
+        let mut unread = 0;
+        for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+            let text = std::fs::read_to_string(table).unwrap_or_default();
+            for f in text
+                .lines()
+                .skip(1)
+                .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            {
+                // local, remote ("addr:PORT" in hex), state, "tx_queue:rx_queue", ... inode (9)
+                let remote_port = f[2]
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok());
+                if remote_port == Some(port) && inodes.iter().any(|i| i == f[9]) {
+                    let rx = f[4].split(':').nth(1).unwrap_or("0");
+                    unread += usize::from_str_radix(rx, 16).unwrap_or(0);
+                }
+            }
+        }
+        unread
     }
 
     /// Resident memory of the daemon process, bytes (VmRSS).
     pub fn rss(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id()))
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .expect("the daemon's /proc status");
         status
             .lines()
@@ -150,7 +217,7 @@ impl Daemon {
 
     pub fn signal(&self, sig: &str) {
         let ok = Command::new("kill")
-            .args([sig, &self.0.id().to_string()])
+            .args([sig, &self.child.id().to_string()])
             .status()
             .unwrap()
             .success();
@@ -160,7 +227,7 @@ impl Daemon {
     pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
         let deadline = Instant::now() + within;
         loop {
-            if let Some(status) = self.0.try_wait().unwrap() {
+            if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
             assert!(
@@ -174,8 +241,8 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
