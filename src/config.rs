@@ -6,6 +6,13 @@
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
+/// Asks the broker may hand the daemon before it acknowledges them (MQTT 5 receive maximum):
+/// an ask is acknowledged once the daemon has queued it or its refusal, so a flood waits in the
+/// broker, not in the daemon.
+pub const ASKS_IN_FLIGHT: usize = 32;
+/// Replies waiting for the publisher, at most; the intake and the inference thread then wait.
+pub const REPLIES_WAITING: usize = 64;
+
 /// The whole configuration.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -459,12 +466,16 @@ impl Config {
                 format!("= {t}: must be in (0, 600] seconds"),
             );
         }
-        if self.mqtt.outbox <= self.requests.queue {
+        // Every request the daemon holds when the broker goes away: asks not yet acknowledged,
+        // queued jobs and images, the one in hand, replies not yet published.
+        let held = ASKS_IN_FLIGHT + 2 * self.requests.queue + 1 + REPLIES_WAITING;
+        if self.mqtt.outbox < held {
             return bad(
                 "mqtt.outbox",
                 format!(
-                    "= {}: must be more than requests.queue ({}), so that every accepted \
-                     request's answer is kept through a broker outage",
+                    "= {}: must be at least {held} ({ASKS_IN_FLIGHT} asks in flight + 2 x \
+                     requests.queue ({}) + 1 + {REPLIES_WAITING} replies waiting), so that \
+                     every request's reply is kept through a broker outage",
                     self.mqtt.outbox, self.requests.queue
                 ),
             );
@@ -749,7 +760,7 @@ mod tests {
         assert!(e.contains("requests.queue"), "{e}");
         let e = err("[device]\nshutdown_timeout_s = 0\n");
         assert!(e.contains("device.shutdown_timeout_s"), "{e}");
-        let e = err("[requests]\nqueue = 8\n[mqtt]\noutbox = 8\n");
+        let e = err("[requests]\nqueue = 8\n[mqtt]\noutbox = 100\n");
         assert!(
             e.contains("mqtt.outbox") && e.contains("requests.queue"),
             "{e}"

@@ -353,6 +353,8 @@ pub struct Stats {
     pub poses_published: u64,
     pub asks_answered: u64,
     pub asks_rejected: u64,
+    /// Asks whose id came again (e.g. a QoS 1 redelivery): answered once only.
+    pub asks_duplicate: u64,
     pub outbox_dropped: u64,
     pub tokens_per_s: f64,
     /// Temperatures, GPU load and power rails where the machine has them (each left out

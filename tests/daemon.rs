@@ -389,7 +389,7 @@ async fn daemon_over_tls_with_a_client_certificate() {
         dir.path(),
         port,
         &format!(
-            "listener {tls_port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/server.pem\n\
+            "persistence false\nlistener {tls_port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/server.pem\n\
              keyfile {d}/server.key\nrequire_certificate true\n\
              # Started as root, mosquitto would drop to a user that cannot read the test's\n\
              # private files; as any other user this line does nothing.\nuser root\n"

@@ -40,8 +40,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// Asks the poller hands to the intake, at most; one more is answered `busy` by the poller.
-const ASK_CHANNEL: usize = 64;
+/// Asks the poller hands to the intake, at most: twice what the broker may send unacknowledged
+/// (should a broker not honour the receive maximum, one more is answered `busy` by the poller).
+const ASK_CHANNEL: usize = 2 * crate::config::ASKS_IN_FLIGHT;
 /// Poses waiting for the publisher, at most; then the oldest is dropped.
 const POSE_QUEUE: usize = 4;
 
@@ -106,7 +107,7 @@ pub fn start(config: &Config) -> Result<Running> {
     let options = mqtt::client_options(config, &broker, &topics)?;
     // rumqttc's own request channel: the publisher waits when it is full.
     let (client, eventloop) = rumqttc::v5::AsyncClient::new(options, 64);
-    // Asks: when full, the poller answers `busy` at once (it never waits).
+    // Asks: acknowledged by the intake once taken; when full, the poller answers `busy` at once.
     let (ask_tx, ask_rx) = mpsc::channel(ASK_CHANNEL);
     // Connections: latest only (a count of ConnAcks).
     let (conn_tx, connections) = watch::channel(0u64);
@@ -133,7 +134,8 @@ pub fn start(config: &Config) -> Result<Running> {
     );
     let metrics = Arc::new(stats::Metrics::default());
     let poses = Arc::new(PoseQueue::new(POSE_QUEUE));
-    let (replies, replies_rx) = Replies::channel(2 * config.requests.queue + 16);
+    // Replies: when full, the inference thread and the intake wait (nothing is dropped).
+    let (replies, replies_rx) = Replies::channel(crate::config::REPLIES_WAITING);
     // Jobs: `requests.queue` waiting; when full the intake answers `busy` at once.
     let (job_tx, job_rx) = std::sync::mpsc::sync_channel(config.requests.queue);
     let heartbeat = Arc::new(service::Heartbeat::default());
@@ -173,7 +175,6 @@ pub fn start(config: &Config) -> Result<Running> {
         slot,
         mqtt: counters.clone(),
         poses: poses.clone(),
-        replies,
     };
     let every = Duration::from_secs_f64(config.mqtt.stats_interval_s);
     tokio::spawn(stats::run(sources, every, stats_tx, shutdown.clone()));

@@ -2,7 +2,7 @@
 //! `mqtt.stats_interval_s`. Stats are latest-only: each interval's message replaces the last in
 //! a slot of its own, never in the replies' outbox, so an outage cannot pile them up.
 
-use super::queues::{PoseQueue, Replies};
+use super::queues::PoseQueue;
 use crate::frame::LatestFrame;
 use crate::mqtt::MqttCounters;
 use crate::protocol::Stats;
@@ -21,6 +21,8 @@ pub struct Metrics {
     pub poses: AtomicU64,
     pub answered: AtomicU64,
     pub rejected: AtomicU64,
+    /// Asks whose id came again (redeliveries), not answered twice.
+    pub duplicates: AtomicU64,
     pub generated_tokens: AtomicU64,
     pub generate_us: AtomicU64,
     /// Recent capture-to-publish latencies (ms), newest last.
@@ -63,7 +65,6 @@ pub struct Sources {
     pub slot: Arc<LatestFrame>,
     pub mqtt: Arc<MqttCounters>,
     pub poses: Arc<PoseQueue>,
-    pub replies: Replies,
 }
 
 /// Every `every`, the stats as JSON into `out` (latest wins), until `shutdown`.
@@ -89,7 +90,6 @@ pub async fn run(
             slot,
             mqtt,
             poses,
-            replies,
         } = &sources;
         let count = metrics.poses.load(Ordering::Relaxed);
         let now = Instant::now();
@@ -109,11 +109,11 @@ pub async fn run(
             asks_answered: metrics.answered.load(Ordering::Relaxed),
             asks_rejected: metrics.rejected.load(Ordering::Relaxed)
                 + mqtt.asks_refused_busy.load(Ordering::Relaxed),
+            asks_duplicate: metrics.duplicates.load(Ordering::Relaxed),
             outbox_dropped: mqtt.outbox_dropped.load(Ordering::Relaxed)
                 + mqtt.poses_dropped_offline.load(Ordering::Relaxed)
                 + mqtt.replies_dropped.load(Ordering::Relaxed)
-                + poses.dropped()
-                + replies.dropped(),
+                + poses.dropped(),
             tokens_per_s: if gen_s > 0.0 {
                 metrics.generated_tokens.load(Ordering::Relaxed) as f64 / gen_s
             } else {

@@ -10,7 +10,7 @@
 //!
 //! Every ConnAck re-subscribes and re-announces `online`: the session may be gone.
 
-use super::{IncomingAsk, MqttCounters, ReplyTo, Topics};
+use super::{Ack, IncomingAsk, MqttCounters, ReplyTo, Topics};
 use crate::protocol::{peek_id, ErrorCode, ErrorReply};
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
@@ -23,8 +23,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 /// Poll the event loop until our own disconnect has been sent (or `hard_stop`, the fallback):
-/// hand asks on, count connections in `connections`, back off between errors. It never waits
-/// to publish: when `asks` is full, the ask is answered `busy` with a non-blocking publish.
+/// hand asks on (the intake acknowledges them), count connections in `connections`, back off
+/// between errors. It never waits: should `asks` be full, the ask is answered `busy` with a
+/// non-blocking publish.
 pub async fn poll_loop(
     mut eventloop: EventLoop,
     topics: Topics,
@@ -51,15 +52,17 @@ pub async fn poll_loop(
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 if p.topic.as_ref() != topics.ask.as_bytes() {
+                    let _ = client.try_ack(&p); // nothing else is subscribed
                     continue;
                 }
-                let props = p.properties.unwrap_or_default();
+                let props = p.properties.clone().unwrap_or_default();
                 let ask = IncomingAsk {
                     payload: p.payload.to_vec(),
                     reply_to: ReplyTo {
                         response_topic: props.response_topic,
                         correlation: props.correlation_data.map(|b| b.to_vec()),
                     },
+                    ack: Ack::new(client.clone(), p),
                 };
                 match asks.try_send(ask) {
                     Ok(()) => {}
@@ -104,10 +107,12 @@ pub async fn poll_loop(
     }
 }
 
-/// An ask that found the intake full: answered `busy` without waiting (try_publish never
-/// blocks the poll); if even that cannot be queued, counted.
+/// An ask that found the intake full — which the receive maximum prevents with a broker that
+/// honours it: answered `busy` without waiting (try_publish never blocks the poll); if even that
+/// cannot be queued, counted.
 fn refuse_busy(client: &AsyncClient, topics: &Topics, ask: IncomingAsk, counters: &MqttCounters) {
     counters.asks_refused_busy.fetch_add(1, Ordering::Relaxed);
+    let _ = ask.ack.client.try_ack(&ask.ack.publish);
     let reply = ErrorReply::new(
         peek_id(&ask.payload),
         ErrorCode::Busy,

@@ -68,11 +68,39 @@ pub struct ReplyTo {
     pub correlation: Option<Vec<u8>>,
 }
 
-/// An incoming ask, raw, with where to answer it.
+/// An incoming ask, raw, with where to answer it and how to acknowledge it.
 #[derive(Debug)]
 pub struct IncomingAsk {
     pub payload: Vec<u8>,
     pub reply_to: ReplyTo,
+    pub ack: Ack,
+}
+
+/// The acknowledgement of an incoming QoS 1 message, sent when the daemon has taken it: until
+/// then the broker counts it against the receive maximum and redelivers it after a
+/// reconnection.
+#[derive(Debug)]
+pub struct Ack {
+    client: rumqttc::v5::AsyncClient,
+    publish: rumqttc::v5::mqttbytes::v5::Publish,
+}
+
+impl Ack {
+    pub(crate) fn new(
+        client: rumqttc::v5::AsyncClient,
+        mut publish: rumqttc::v5::mqttbytes::v5::Publish,
+    ) -> Self {
+        publish.payload = Default::default();
+        Self { client, publish }
+    }
+
+    /// Acknowledge it (waits only for room in the client's request channel, which the poller
+    /// keeps draining).
+    pub async fn send(self) {
+        if let Err(e) = self.client.ack(&self.publish).await {
+            log::debug!("acknowledging an ask failed: {e}");
+        }
+    }
 }
 
 /// Counters the MQTT side keeps for stats.
@@ -111,6 +139,9 @@ pub fn client_options(
         )));
     }
     opts.set_clean_start(false);
+    // Asks are acknowledged once taken (queued or refused): the broker holds the rest.
+    opts.set_manual_acks(true);
+    opts.set_receive_maximum(Some(crate::config::ASKS_IN_FLIGHT as u16));
     opts.set_session_expiry_interval(Some(3600));
     opts.set_last_will(LastWill::new(
         topics.available.clone(),

@@ -45,7 +45,7 @@ pub struct Mosquitto(Child);
 
 impl Mosquitto {
     pub fn start(dir: &Path, port: u16) -> Self {
-        Self::start_with(dir, port, "", &[port])
+        Self::start_with(dir, port, "persistence false\n", &[port])
     }
 
     /// A plain listener on `port` plus `extra` configuration; waits for every port in `wait`.
@@ -54,7 +54,7 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "per_listener_settings false\nallow_anonymous true\npersistence false\n\
+                "per_listener_settings false\nallow_anonymous true\n\
                  listener {port} 127.0.0.1\n{extra}"
             ),
         )
@@ -74,6 +74,15 @@ impl Mosquitto {
             wait_port(*p);
         }
         Self(child)
+    }
+}
+
+impl Mosquitto {
+    /// Stop it as systemd would (SIGTERM): it saves its persistence database first.
+    pub fn terminate(mut self) {
+        let pid = self.0.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let _ = self.0.wait();
     }
 }
 
