@@ -5,12 +5,12 @@
 # come back after every restart, and the daemon must have stayed up within its memory bound.
 # tests/soak.rs is the test (CI runs it for 20 s); docs/reliability.md says how it counts.
 #
-#   scripts/soak.sh                    # 600 s, 8 clients, a restart every 5 s
+#   scripts/soak.sh                    # 600 s, 4 clients, a restart every 5 s
 #   SOAK_S=3600 SOAK_CLIENTS=16 SOAK_RESTART_S=3 scripts/soak.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export POSEGPT_SOAK_S=${SOAK_S:-600}
-export POSEGPT_SOAK_CLIENTS=${SOAK_CLIENTS:-8}
+export POSEGPT_SOAK_CLIENTS=${SOAK_CLIENTS:-4}
 export POSEGPT_SOAK_RESTART_S=${SOAK_RESTART_S:-5}
 # The daemon's own log at warn: a soak refuses thousands of asks `busy` by design.
 export DAEMON_LOG=${DAEMON_LOG:-warn}

@@ -150,8 +150,12 @@ fn persistent_broker(dir: &Path, port: u16) -> Mosquitto {
         dir,
         port,
         // Started as root, mosquitto would drop to a user that cannot write the test's folder
-        // and save nothing; as any other user `user root` does nothing.
-        &format!("persistence true\npersistence_location {d}/\nautosave_interval 1\nuser root\n"),
+        // and save nothing; as any other user `user root` does nothing. Its default queue of
+        // 1000 messages per offline or slow client would drop asks it had acknowledged.
+        &format!(
+            "persistence true\npersistence_location {d}/\nautosave_interval 1\nuser root\n\
+             max_queued_messages 0\n"
+        ),
         &[port],
     )
 }

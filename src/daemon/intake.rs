@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 /// Asks remembered for answering each id once.
-pub const RECENT_IDS: usize = 4096;
+pub const RECENT_IDS: usize = 16384;
 
 /// The ids of the last [`RECENT_IDS`] asks.
 #[derive(Default)]

@@ -3,16 +3,24 @@
 //! [`Running::stop`], which ends within `device.shutdown_timeout_s` + 2 s whatever the model is
 //! doing.
 //!
-//! Who hands what to whom (each channel's policy when full is written where it is made):
+//! Who hands what to whom:
 //!
 //! ```text
-//! capture thread ──LatestFrame──────► inference thread ──PoseQueue──► publisher ──► broker
-//!                  newest wins,        (worker)           drop oldest,  (main task)
-//!                  replaced counted       ▲               counted          ▲   ▲
-//! poller task ──asks──► intake task ──jobs┘    └──Replies: accepted never──┘   │
-//!               busy     (intake)     busy         dropped, refusals counted   │
-//! stats task ──────────────────────────────── watch: latest only ─────────────┘
+//! broker ─asks─► poller ─► intake ─jobs─► inference thread ─replies─► publisher ─► broker
+//!                             └─────────────refusals───────────────────►  ▲  ▲
+//! capture thread ─frames─► inference thread ─poses────────────────────────┘  │
+//! stats task ─stats──────────────────────────────────────────────────────────┘
 //! ```
+//!
+//! and what each hand-over does when full (written again where it is made):
+//! * asks: the broker hands over at most `ASKS_IN_FLIGHT` unacknowledged ones (MQTT 5 receive
+//!   maximum) and the intake acknowledges an ask once it is queued or refused: a flood waits in
+//!   the broker;
+//! * jobs (`requests.queue`): the request is answered `busy` at once;
+//! * frames: the newest wins, replaced frames are counted;
+//! * replies: the inference thread and the intake wait — no reply is dropped;
+//! * poses: the oldest is dropped and counted;
+//! * stats: latest only.
 //!
 //! One shutdown signal, a [`CancellationToken`], is watched by every task and thread. Under
 //! systemd (`service`): status lines while starting, READY=1 once the model is loaded and the

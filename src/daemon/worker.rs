@@ -1,6 +1,7 @@
 //! The inference thread, the one owner of the model. Questions come first; between them it
 //! takes the newest frame and makes its pose, at most `pose.max_rate_hz` times a second (less
-//! when the model is slower: the frames in between are replaced in the slot and counted).
+//! when the model is slower: the frames in between are replaced in the slot and counted), and
+//! at least once a second however many questions wait.
 //!
 //! When the shutdown signal comes it takes nothing new: requests still queued are answered
 //! `shutting_down`, and the one in hand runs on until the daemon sets the model's abort flag
@@ -18,6 +19,9 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+
+/// However many questions wait, a pose at least this often (when frames come).
+const POSE_AT_LEAST_EVERY: Duration = Duration::from_secs(1);
 
 /// An accepted request, with its image ready for the encoder (or taken from the live frame).
 pub struct Job {
@@ -56,33 +60,38 @@ impl Worker {
 
     fn run(self, mut pg: PoseGpt) {
         let mut next_pose_at = Instant::now();
+        let mut last_pose_at = Instant::now();
         let mut last_frame: Option<Frame> = None;
         let mut seq = 0u64;
         while !self.shutdown.is_cancelled() {
             self.heartbeat.beat();
-            // Questions first.
-            match self.jobs.try_recv() {
-                Ok(job) => {
-                    self.answer(&mut pg, job, last_frame.as_ref());
+            // Questions first, but not to the point of stopping the pose stream.
+            let starving = last_pose_at.elapsed() >= POSE_AT_LEAST_EVERY && self.slot.has_frame();
+            if !starving {
+                match self.jobs.try_recv() {
+                    Ok(job) => {
+                        self.answer(&mut pg, job, last_frame.as_ref());
+                        continue;
+                    }
+                    Err(TryRecvError::Disconnected) => break,
+                    Err(TryRecvError::Empty) => {}
+                }
+                let now = Instant::now();
+                if now < next_pose_at {
+                    // Wait for the next pose slot, but wake for a question.
+                    match self.jobs.recv_timeout(next_pose_at - now) {
+                        Ok(job) => self.answer(&mut pg, job, last_frame.as_ref()),
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    }
                     continue;
                 }
-                Err(TryRecvError::Disconnected) => break,
-                Err(TryRecvError::Empty) => {}
-            }
-            let now = Instant::now();
-            if now < next_pose_at {
-                // Wait for the next pose slot, but wake for a question.
-                match self.jobs.recv_timeout(next_pose_at - now) {
-                    Ok(job) => self.answer(&mut pg, job, last_frame.as_ref()),
-                    Err(RecvTimeoutError::Timeout) => {}
-                    Err(RecvTimeoutError::Disconnected) => break,
-                }
-                continue;
             }
             let Some(frame) = self.slot.take(Duration::from_millis(50)) else {
                 continue;
             };
-            next_pose_at = Instant::now() + self.period;
+            last_pose_at = Instant::now();
+            next_pose_at = last_pose_at + self.period;
             let result = match &frame.prepared {
                 Some(p) => pg.pose_prepared(&p.pixels, p.preprocess_ms),
                 None => pg.pose(&frame.rgb),

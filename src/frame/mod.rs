@@ -203,6 +203,15 @@ impl LatestFrame {
     }
 
     /// A copy of the frame waiting in the slot, leaving it there.
+    /// Whether a frame is waiting.
+    pub fn has_frame(&self) -> bool {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .frame
+            .is_some()
+    }
+
     pub fn peek(&self) -> Option<Frame> {
         self.state
             .lock()

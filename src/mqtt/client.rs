@@ -69,7 +69,9 @@ pub async fn poll_loop(
                     Err(mpsc::error::TrySendError::Full(ask)) => {
                         refuse_busy(&client, &topics, ask, &counters)
                     }
-                    Err(mpsc::error::TrySendError::Closed(_)) => return,
+                    // Shutting down: left unacknowledged, the broker hands it to the next
+                    // run; the poll goes on until the disconnect is written.
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
                 }
             }
             Ok(Event::Incoming(Packet::PubAck(_))) => {
