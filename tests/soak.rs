@@ -46,6 +46,8 @@ struct Seen {
     replies: HashMap<String, BTreeSet<Vec<u8>>>,
     deliveries: usize,
     refused_acks: usize,
+    /// Connections the broker had no session for (the first one included).
+    fresh_sessions: usize,
 }
 
 struct Client {
@@ -72,6 +74,7 @@ impl Client {
                 match event {
                     // The broker keeps the subscription with the session; a new one needs it.
                     Ok(Event::Incoming(Packet::ConnAck(c))) if !c.session_present => {
+                        seen.fresh_sessions += 1;
                         let _ = sub.try_subscribe(topic.clone(), QoS::AtLeastOnce);
                     }
                     Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
@@ -263,12 +266,13 @@ async fn asks_survive_broker_restarts_with_one_reply_each() {
 
     let (mut sent, mut answered, mut busy, mut other, mut lost, mut duplicated) =
         (0, 0, 0, 0, 0, 0);
-    let (mut deliveries, mut refused_acks, mut unacked) = (0, 0, 0);
+    let (mut deliveries, mut refused_acks, mut unacked, mut fresh_sessions) = (0, 0, 0, 0);
     for c in &clients {
         let s = c.seen.lock().unwrap();
         sent += s.acked.len();
         deliveries += s.deliveries;
         refused_acks += s.refused_acks;
+        fresh_sessions += s.fresh_sessions;
         unacked += s.queued.len() + s.inflight.len();
         for id in &s.acked {
             match s.replies.get(id) {
@@ -306,10 +310,12 @@ async fn asks_survive_broker_restarts_with_one_reply_each() {
         "soak {:.0} s, {n_clients} clients, broker restarted {restarts} times: sent {sent} \
          (acknowledged), answered {answered}, busy {busy}, other errors {other}, lost {lost}, \
          duplicated {duplicated}; {} redeliveries; not acknowledged at the end {unacked}, refused \
-         by the broker {refused_acks}; poses between restarts (min) {}; daemon RSS {} MB at the \
+         by the broker {refused_acks}; client sessions the broker did not have {} after the \
+         first connection; poses between restarts (min) {}; daemon RSS {} MB at the \
          start, {} MB at the peak",
         soak.as_secs_f64(),
         deliveries - replies,
+        fresh_sessions - n_clients,
         poses_between.iter().min().unwrap_or(&0),
         rss_start >> 20,
         peak_rss >> 20,

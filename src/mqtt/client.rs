@@ -37,14 +37,29 @@ pub async fn poll_loop(
 ) {
     let mut backoff = Duration::from_millis(200);
     let mut last_failure: Option<String> = None;
+    let mut overflow = Overflow::default();
     loop {
         let event = tokio::select! {
             _ = hard_stop.cancelled() => return,
+            // Asks that found the intake full go on as it makes room.
+            Ok(permit) = asks.reserve(), if !overflow.asks.is_empty() => {
+                if let Some(ask) = overflow.pop() {
+                    permit.send(ask);
+                }
+                continue;
+            }
             ev = eventloop.poll() => ev,
         };
         match event {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+            Ok(Event::Incoming(Packet::ConnAck(c))) => {
                 log::info!("connected to the MQTT broker");
+                if *connections.borrow() > 0 && !c.session_present {
+                    log::warn!(
+                        "the broker kept no session for us: publishes it had not acknowledged \
+                         before the connection dropped are lost (give it persistence and a \
+                         session expiry of at least an outage)"
+                    );
+                }
                 counters.connected.store(true, Ordering::SeqCst);
                 backoff = Duration::from_millis(200);
                 last_failure = None;
@@ -64,10 +79,17 @@ pub async fn poll_loop(
                     },
                     ack: Ack::new(client.clone(), p),
                 };
-                match asks.try_send(ask) {
+                let ask = if overflow.asks.is_empty() {
+                    asks.try_send(ask)
+                } else {
+                    Err(mpsc::error::TrySendError::Full(ask))
+                };
+                match ask {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(ask)) => {
-                        refuse_busy(&client, &topics, ask, &counters)
+                        if let Some(ask) = overflow.push(ask) {
+                            refuse_busy(&client, &topics, ask, &counters)
+                        }
                     }
                     // Shutting down: left unacknowledged, the broker hands it to the next
                     // run; the poll goes on until the disconnect is written.
@@ -109,9 +131,38 @@ pub async fn poll_loop(
     }
 }
 
-/// An ask that found the intake full — which the receive maximum prevents with a broker that
-/// honours it: answered `busy` without waiting (try_publish never blocks the poll); if even that
-/// cannot be queued, counted.
+/// Asks that found the intake's channel full, waiting in order. The receive maximum keeps the
+/// broker from sending many more than the channel holds, but brokers overshoot it (mosquitto
+/// after a reconnection): what fits in [`OVERFLOW_BYTES`] waits here instead of being refused.
+#[derive(Default)]
+struct Overflow {
+    asks: VecDeque<IncomingAsk>,
+    bytes: usize,
+}
+
+/// Payload bytes the poller holds for the intake, at most.
+const OVERFLOW_BYTES: usize = 64 << 20;
+
+impl Overflow {
+    /// Keeps `ask`, or gives it back when there is no room.
+    fn push(&mut self, ask: IncomingAsk) -> Option<IncomingAsk> {
+        if self.bytes + ask.payload.len() > OVERFLOW_BYTES {
+            return Some(ask);
+        }
+        self.bytes += ask.payload.len();
+        self.asks.push_back(ask);
+        None
+    }
+
+    fn pop(&mut self) -> Option<IncomingAsk> {
+        let ask = self.asks.pop_front()?;
+        self.bytes -= ask.payload.len();
+        Some(ask)
+    }
+}
+
+/// An ask that found the intake full and no room to wait: answered `busy` without waiting
+/// (try_publish never blocks the poll); if even that cannot be queued, counted.
 fn refuse_busy(client: &AsyncClient, topics: &Topics, ask: IncomingAsk, counters: &MqttCounters) {
     counters.asks_refused_busy.fetch_add(1, Ordering::Relaxed);
     let _ = ask.ack.client.try_ack(&ask.ack.publish);
