@@ -2,15 +2,17 @@
 //! a real mosquitto started here on a free loopback port, and against the embedded broker,
 //! watched by an independent MQTT 5 client.
 
+#[path = "common/cut_proxy.rs"]
+mod cut_proxy;
 #[path = "common/daemon_harness.rs"]
 mod harness;
 
+use cut_proxy::CutProxy;
 use harness::*;
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use rumqttc::v5::mqttbytes::QoS;
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -258,42 +260,38 @@ async fn daemon_survives_a_broker_restart() {
     assert!(daemon.wait_exit(Duration::from_secs(60)).success());
 }
 
-/// An answer produced while the broker is gone is delivered once the daemon reconnects.
+/// An answer made after the broker lost the connection, before the daemon noticed, is
+/// delivered once the daemon reconnects.
 ///
-/// To make "produced while disconnected" certain rather than a race: the daemon is stopped
-/// (SIGSTOP) while the broker hands it a question, so the question waits in the daemon's socket;
-/// the broker is then killed and restarted, and only when the watcher is back does the daemon
-/// continue: it reads the question, then the end of the old connection, answers while offline,
-/// reconnects and delivers.
+/// The outage is a proxy the test controls, so the order of events is certain rather than a
+/// race: the daemon is stopped (SIGSTOP) while the proxy hands it a question; the broker's side
+/// of the connection is then closed, the daemon's side kept open and its writes dropped. The
+/// daemon continues and answers into the dead connection; once its stats count the answer, the
+/// daemon's side is closed too and, after the daemon has seen the loss, reconnection is allowed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answer_made_during_an_outage_is_delivered_after_reconnect() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port_pair();
-    let broker = Mosquitto::start(dir.path(), port);
+    let _broker = Mosquitto::start(dir.path(), port);
+    let proxy = CutProxy::start(port);
     let mut w = Watcher::connect(port, "watcher-outage").await;
     let mut daemon = Daemon::start(
         dir.path(),
-        &format!("[mqtt]\nurl = \"mqtt://127.0.0.1:{port}\""),
+        &format!("[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"", proxy.port),
     );
     w.expect("available", 60, is("online")).await;
     w.expect("pose", 30, |_| true).await;
 
     daemon.signal("-STOP");
     w.ask(r#"{"id":"in-outage","text":"Still there?"}"#).await;
-    // The broker has forwarded the question once it waits unread in the daemon's socket.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while daemon.unread_from(port) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the question never reached the daemon's socket"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    drop(broker);
-    let subacks = w.subacks.load(Ordering::SeqCst);
-    let _broker = Mosquitto::start(dir.path(), port);
-    w.wait_subacks(subacks + 2, 30).await;
+    proxy.wait_sent_to_client(b"in-outage", Duration::from_secs(30));
+    proxy.sever_broker();
     daemon.signal("-CONT");
+    // The stats line (logged every second, connected or not) counts the answer.
+    daemon.wait_log("asks 1 answered", Duration::from_secs(30));
+    proxy.cut();
+    daemon.wait_log("MQTT connection lost", Duration::from_secs(30));
+    proxy.heal();
 
     let a = json(&w.expect("answer", 60, answer_for("in-outage")).await);
     assert!(a["text"].is_string(), "{a}");

@@ -218,6 +218,8 @@ pub struct Publisher {
     qos1_sent: u64,
     /// Whether this outage's first dropped pose was logged.
     drop_logged: bool,
+    /// Whether this outage's first kept reply was logged.
+    keep_logged: bool,
 }
 
 impl Publisher {
@@ -241,6 +243,7 @@ impl Publisher {
             counters,
             qos1_sent: 0,
             drop_logged: false,
+            keep_logged: false,
         }
     }
 
@@ -251,6 +254,7 @@ impl Publisher {
     /// After each ConnAck: subscribe, announce `online`, deliver what waited.
     pub async fn on_connected(&mut self) {
         self.drop_logged = false;
+        self.keep_logged = false;
         if let Err(e) = self
             .client
             .subscribe(self.topics.ask.clone(), QoS::AtLeastOnce)
@@ -358,6 +362,13 @@ impl Publisher {
             self.counters.outbox_dropped.fetch_add(1, Ordering::Relaxed);
         }
         self.outbox.push_back(kept);
+        if !self.keep_logged {
+            log::info!(
+                "broker unreachable: replies are kept for the next connection (up to {})",
+                self.outbox_cap
+            );
+            self.keep_logged = true;
+        }
     }
 
     /// Replies waiting for a connection.

@@ -179,39 +179,6 @@ impl Daemon {
         }
     }
 
-    /// Bytes waiting unread in the daemon's TCP connection to `port` (the kernel's receive
-    /// queue): what a broker sent that the daemon has not read yet.
-    pub fn unread_from(&self, port: u16) -> usize {
-        let fds = std::fs::read_dir(format!("/proc/{}/fd", self.child.id())).unwrap();
-        let inodes: Vec<String> = fds
-            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-            .filter_map(|l| {
-                let l = l.to_string_lossy().into_owned();
-                Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
-            })
-            .collect();
-        let mut unread = 0;
-        for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-            let text = std::fs::read_to_string(table).unwrap_or_default();
-            for f in text
-                .lines()
-                .skip(1)
-                .map(|l| l.split_whitespace().collect::<Vec<_>>())
-            {
-                // local, remote ("addr:PORT" in hex), state, "tx_queue:rx_queue", ... inode (9)
-                let remote_port = f[2]
-                    .rsplit(':')
-                    .next()
-                    .and_then(|p| u16::from_str_radix(p, 16).ok());
-                if remote_port == Some(port) && inodes.iter().any(|i| i == f[9]) {
-                    let rx = f[4].split(':').nth(1).unwrap_or("0");
-                    unread += usize::from_str_radix(rx, 16).unwrap_or(0);
-                }
-            }
-        }
-        unread
-    }
-
     /// Resident memory of the daemon process, bytes (VmRSS).
     pub fn rss(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
