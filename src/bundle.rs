@@ -78,6 +78,14 @@ pub struct PromptSpec {
     pub pose_token: String,
     #[serde(default)]
     pub stop: Vec<String>,
+    /// Follows a yes/no question (after a line break), as the model was trained for short
+    /// answers.
+    #[serde(default = "default_short_answer")]
+    pub short_answer: String,
+}
+
+fn default_short_answer() -> String {
+    "Answer the question using a single word or phrase.".into()
 }
 
 /// The per-frame fast path.

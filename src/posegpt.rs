@@ -14,7 +14,14 @@
 //!   carries the probability the LLM gave the pose token there (`confidence`): low means the
 //!   prefix does not end where the model would emit the pose token.
 //! * [`PoseGpt::ask`] — chat: text with one [`POSE_MARKER`] per pose, multi-turn by
-//!   conversation id with a bounded history.
+//!   conversation id with a bounded history. [`PoseGpt::ask_yes_no`] reads P(yes) from one
+//!   prefill, with no generation.
+//!
+//! The live scene: [`PoseGpt::pose_frame`] keeps the frame's image embeddings ([`LiveImage`]).
+//! A question about that frame passes them back ([`AskImage::Encoded`]): no encoder run, and
+//! since the KV cache still holds the frame prompt (system, user turn up to the image, the image
+//! and the first tokens after it) and its positions are keyed by token or by a hash of each
+//! embedding row, the session computes only the question's own positions.
 
 use crate::bundle::{Bundle, BundleError, LoadOptions};
 use crate::llm::{
@@ -46,6 +53,8 @@ pub enum PoseGptError {
     Head(#[from] PoseHeadError),
     #[error("the question is empty")]
     EmptyQuestion,
+    #[error("this bundle's tokenizer gives no distinct first tokens for the answers \"Yes\" and \"No\" after `prompt.assistant`; yes/no questions need them")]
+    NoYesNoTokens,
 }
 
 /// Runtime settings (from the daemon config or CLI flags).
@@ -129,6 +138,8 @@ pub struct FramePose {
 /// The image a question is about.
 #[derive(Debug, Clone, Copy)]
 pub enum AskImage<'a> {
+    /// Encoded already: the live frame's embeddings ([`LiveImage`]).
+    Encoded(&'a Arc<Vec<f32>>),
     /// Decoded: preprocessed by [`PoseGpt::ask_about`].
     Rgb(&'a RgbImage),
     /// Preprocessed for the encoder already (planar CHW floats), and what that took.
@@ -146,6 +157,31 @@ pub struct Reply {
     pub poses: Vec<Pose>,
     pub stop_reason: crate::llm::StopReason,
     pub timings: Timings,
+}
+
+/// The answer to [`PoseGpt::ask_yes_no`].
+#[derive(Debug, Clone, Serialize)]
+pub struct YesNo {
+    /// P(yes): the softmax over the answer tokens "Yes" and "No" at the last prompt position.
+    pub p_yes: f32,
+    /// `p_yes >= 0.5`.
+    pub value: bool,
+    pub timings: Timings,
+}
+
+/// The image embeddings of the frame the model saw last (see the module docs).
+#[derive(Debug, Clone)]
+pub struct LiveImage {
+    /// The frame's sequence number at its source.
+    pub frame_seq: u64,
+    pub captured: Instant,
+    pub embeddings: Arc<Vec<f32>>,
+}
+
+impl LiveImage {
+    pub fn age(&self) -> std::time::Duration {
+        self.captured.elapsed()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -173,6 +209,10 @@ pub struct PoseGpt {
     frame: (Vec<Token>, Vec<Token>),
     /// Keeps special tokens out of client text: they come from the template only.
     plain: PlainText,
+    /// The last frame posed (or seen for a question about the live scene).
+    live: Option<LiveImage>,
+    /// The first token of the answers "Yes" and "No", when the tokenizer tells them apart.
+    yes_no: Option<(Token, Token)>,
 }
 
 impl PoseGpt {
@@ -197,9 +237,47 @@ impl PoseGpt {
             clock: 0,
             frame: (Vec::new(), Vec::new()),
             plain,
+            live: None,
+            yes_no: None,
         };
         pg.frame = pg.build_frame_tokens()?;
+        pg.yes_no = pg.find_yes_no_tokens()?;
+        if pg.yes_no.is_none() {
+            log::warn!("{}", PoseGptError::NoYesNoTokens);
+        }
         Ok(pg)
+    }
+
+    /// The ids of the answers' first tokens as the model would write them after the opened
+    /// assistant turn: the first token where `open + " Yes"` departs from `open` (and "No").
+    fn find_yes_no_tokens(&self) -> Result<Option<(Token, Token)>, PoseGptError> {
+        let llm = &self.bundle.llm;
+        let open = self.bundle.manifest.assistant_open("");
+        let base = llm.tokenize(&open, false, true)?;
+        let first = |word: &str| -> Result<Option<Token>, PoseGptError> {
+            let t = llm.tokenize(&format!("{open} {word}"), false, true)?;
+            let common = base.iter().zip(&t).take_while(|(a, b)| a == b).count();
+            // Skip a lone word-boundary piece ("▁") the tokenizer may put first.
+            Ok(t[common..].iter().copied().find(|&tok| {
+                !String::from_utf8_lossy(&llm.token_bytes(tok, false))
+                    .trim()
+                    .is_empty()
+            }))
+        };
+        Ok(match (first("Yes")?, first("No")?) {
+            (Some(y), Some(n)) if y != n => Some((y, n)),
+            _ => None,
+        })
+    }
+
+    /// The answer tokens yes/no questions compare, when this bundle has them.
+    pub fn yes_no_tokens(&self) -> Option<(Token, Token)> {
+        self.yes_no
+    }
+
+    /// The frame the model saw last, with its image embeddings.
+    pub fn live_image(&self) -> Option<&LiveImage> {
+        self.live.as_ref()
     }
 
     pub fn bundle(&self) -> &Bundle {
@@ -285,6 +363,48 @@ impl PoseGpt {
         Ok(pose)
     }
 
+    /// The per-frame fast path on a frame from a source, kept as the live image: questions
+    /// about the live scene then reuse its embeddings and KV positions.
+    pub fn pose_frame(
+        &mut self,
+        pixels: &[f32],
+        preprocess_ms: f64,
+        frame_seq: u64,
+        captured: Instant,
+    ) -> Result<FramePose, PoseGptError> {
+        let t1 = Instant::now();
+        let embeddings = Arc::new(self.bundle.vision.encode_pixels(pixels)?);
+        let t2 = Instant::now();
+        self.live = Some(LiveImage {
+            frame_seq,
+            captured,
+            embeddings: embeddings.clone(),
+        });
+        let mut pose = self.pose_from_embeddings(&embeddings)?;
+        pose.timings.preprocess_ms = preprocess_ms;
+        pose.timings.encode_ms = ms(t2 - t1);
+        pose.timings.total_ms = preprocess_ms + ms(t1.elapsed());
+        Ok(pose)
+    }
+
+    /// Encode a frame and keep it as the live image without posing it (for a question when
+    /// the live image is too old or there is none), returning what the encoder took (ms).
+    pub fn see_frame(
+        &mut self,
+        pixels: &[f32],
+        frame_seq: u64,
+        captured: Instant,
+    ) -> Result<f64, PoseGptError> {
+        let t = Instant::now();
+        let embeddings = Arc::new(self.bundle.vision.encode_pixels(pixels)?);
+        self.live = Some(LiveImage {
+            frame_seq,
+            captured,
+            embeddings,
+        });
+        Ok(ms(t.elapsed()))
+    }
+
     /// The fast path from image embeddings already computed.
     pub fn pose_from_embeddings(&mut self, embeddings: &[f32]) -> Result<FramePose, PoseGptError> {
         let t0 = Instant::now();
@@ -358,8 +478,8 @@ impl PoseGpt {
         self.ask_about(question, image.map(AskImage::Rgb), conversation)
     }
 
-    /// [`PoseGpt::ask`] with the image decoded, or already preprocessed elsewhere (the daemon
-    /// preprocesses inline images and camera frames off the inference thread).
+    /// [`PoseGpt::ask`] with the image decoded, preprocessed elsewhere (the daemon preprocesses
+    /// inline images and camera frames off the inference thread), or encoded already.
     pub fn ask_about(
         &mut self,
         question: &str,
@@ -368,46 +488,10 @@ impl PoseGpt {
     ) -> Result<Reply, PoseGptError> {
         let question = self.plain_question(question)?;
         let t0 = Instant::now();
-        // `earlier_ms`: preprocessing done before this call, counted in the total too.
-        let (pixels, preprocess_ms, earlier_ms) = match image {
-            None => (None, 0.0, 0.0),
-            Some(AskImage::Rgb(img)) => {
-                let px = self.bundle.vision.preprocess(img);
-                (Some(std::borrow::Cow::Owned(px)), ms(t0.elapsed()), 0.0)
-            }
-            Some(AskImage::Pixels {
-                pixels,
-                preprocess_ms,
-            }) => (
-                Some(std::borrow::Cow::Borrowed(pixels)),
-                preprocess_ms,
-                preprocess_ms,
-            ),
-        };
-        let t1 = Instant::now();
-        let image = match pixels {
-            Some(px) => Some(Arc::new(self.bundle.vision.encode_pixels(&px)?)),
-            None => None,
-        };
-        let t1b = Instant::now();
-        let history = conversation
-            .and_then(|id| self.conversations.get(id))
-            .map(|c| c.turns.clone())
-            .unwrap_or_default();
-
-        let m = &self.bundle.manifest;
-        let mut text = m.system_text();
-        let mut images = Vec::new();
-        for turn in &history {
-            text.push_str(&m.user_turn(&turn.user, turn.image.is_some()));
-            images.extend(turn.image.clone());
-            text.push_str(&m.assistant_turn(&turn.assistant));
-        }
-        text.push_str(&m.user_turn(&question, image.is_some()));
-        images.extend(image.clone());
-        text.push_str(&m.assistant_open(""));
-        let runs = self.prompt_runs(&text, &images)?;
+        let seen = self.image_embeddings(image)?;
+        let runs = self.prompt(&question, seen.embeddings.clone(), conversation)?;
         let segments: Vec<Segment<'_>> = runs.iter().map(Run::segment).collect();
+        let m = &self.bundle.manifest;
         let params = GenerateParams {
             max_tokens: self.options.max_tokens,
             stop: m.prompt.stop.clone(),
@@ -427,32 +511,128 @@ impl PoseGpt {
         let text = generation.text.trim().to_string();
         if let Some(id) = conversation {
             let model_text = text.replace(POSE_MARKER, &self.bundle.manifest.prompt.pose_token);
-            self.remember(
-                id,
-                Turn {
-                    user: question,
-                    image,
-                    assistant: model_text,
-                },
-            );
+            self.remember(id, question, seen.embeddings, model_text);
         }
         Ok(Reply {
             text,
             poses,
             stop_reason: generation.stop_reason,
             timings: Timings {
-                preprocess_ms,
-                encode_ms: ms(t1b - t1),
+                preprocess_ms: seen.preprocess_ms,
+                encode_ms: seen.encode_ms,
                 prefill_ms: ms(generation.prefill_time),
                 generate_ms: ms(generation.generate_time),
                 head_ms: ms(t2.elapsed()),
                 head_network_ms,
-                total_ms: ms(t0.elapsed()) + earlier_ms,
+                total_ms: ms(t0.elapsed()) + seen.earlier_ms,
                 prompt_positions: generation.prompt_positions,
                 reused_positions: generation.reused_positions,
                 generated_tokens: generation.tokens.len(),
             },
         })
+    }
+
+    /// A yes/no question without generation: the manifest's short-answer instruction follows
+    /// the question, and P(yes) is the softmax over the answer tokens "Yes" and "No" of the
+    /// logits at the last prompt position (one prefill, no sampling). In a conversation the
+    /// turn is remembered with the answer "Yes" or "No".
+    pub fn ask_yes_no(
+        &mut self,
+        question: &str,
+        image: Option<AskImage<'_>>,
+        conversation: Option<&str>,
+    ) -> Result<YesNo, PoseGptError> {
+        let (yes, no) = self.yes_no.ok_or(PoseGptError::NoYesNoTokens)?;
+        let question = self.plain_question(question)?;
+        let question = format!(
+            "{question}\n{}",
+            self.bundle.manifest.prompt.short_answer.trim()
+        );
+        let t0 = Instant::now();
+        let seen = self.image_embeddings(image)?;
+        let runs = self.prompt(&question, seen.embeddings.clone(), conversation)?;
+        let segments: Vec<Segment<'_>> = runs.iter().map(Run::segment).collect();
+        let t1 = Instant::now();
+        let out = self.session.prefill(&segments, false)?;
+        let p_yes = two_way_softmax(&out.logits, yes, no);
+        let value = p_yes >= 0.5;
+        if let Some(id) = conversation {
+            let answer = if value { "Yes" } else { "No" };
+            self.remember(id, question, seen.embeddings, answer.to_string());
+        }
+        Ok(YesNo {
+            p_yes,
+            value,
+            timings: Timings {
+                preprocess_ms: seen.preprocess_ms,
+                encode_ms: seen.encode_ms,
+                prefill_ms: ms(t1.elapsed()),
+                total_ms: ms(t0.elapsed()) + seen.earlier_ms,
+                prompt_positions: out.position + 1,
+                reused_positions: self.session.last_reused_positions(),
+                ..Timings::default()
+            },
+        })
+    }
+
+    /// The image's embeddings, computing what is not done yet.
+    fn image_embeddings(&self, image: Option<AskImage<'_>>) -> Result<Seen, PoseGptError> {
+        let t0 = Instant::now();
+        let (pixels, preprocess_ms, earlier_ms) = match image {
+            None => return Ok(Seen::default()),
+            Some(AskImage::Encoded(e)) => {
+                return Ok(Seen {
+                    embeddings: Some(e.clone()),
+                    ..Seen::default()
+                })
+            }
+            Some(AskImage::Rgb(img)) => {
+                let px = self.bundle.vision.preprocess(img);
+                (std::borrow::Cow::Owned(px), ms(t0.elapsed()), 0.0)
+            }
+            Some(AskImage::Pixels {
+                pixels,
+                preprocess_ms,
+            }) => (
+                std::borrow::Cow::Borrowed(pixels),
+                preprocess_ms,
+                preprocess_ms,
+            ),
+        };
+        let t1 = Instant::now();
+        let embeddings = Arc::new(self.bundle.vision.encode_pixels(&pixels)?);
+        Ok(Seen {
+            embeddings: Some(embeddings),
+            preprocess_ms,
+            encode_ms: ms(t1.elapsed()),
+            earlier_ms,
+        })
+    }
+
+    /// The prompt of a question: system, the conversation's earlier turns, the question (with
+    /// its image), and the opened assistant turn.
+    fn prompt(
+        &self,
+        question: &str,
+        image: Option<Arc<Vec<f32>>>,
+        conversation: Option<&str>,
+    ) -> Result<Vec<Run>, PoseGptError> {
+        let history = conversation
+            .and_then(|id| self.conversations.get(id))
+            .map(|c| c.turns.as_slice())
+            .unwrap_or_default();
+        let m = &self.bundle.manifest;
+        let mut text = m.system_text();
+        let mut images = Vec::new();
+        for turn in history {
+            text.push_str(&m.user_turn(&turn.user, turn.image.is_some()));
+            images.extend(turn.image.clone());
+            text.push_str(&m.assistant_turn(&turn.assistant));
+        }
+        text.push_str(&m.user_turn(question, image.is_some()));
+        images.extend(image);
+        text.push_str(&m.assistant_open(""));
+        self.prompt_runs(&text, &images)
     }
 
     /// A client's question as the prompt takes it: trimmed, and with the text of every special
@@ -497,7 +677,18 @@ impl PoseGpt {
         self.conversations.remove(conversation);
     }
 
-    fn remember(&mut self, id: &str, turn: Turn) {
+    fn remember(
+        &mut self,
+        id: &str,
+        user: String,
+        image: Option<Arc<Vec<f32>>>,
+        assistant: String,
+    ) {
+        let turn = Turn {
+            user,
+            image,
+            assistant,
+        };
         self.clock += 1;
         let clock = self.clock;
         let max_turns = self.options.max_history_turns;
@@ -542,6 +733,25 @@ impl PoseGpt {
         }
         Ok(runs)
     }
+}
+
+/// An ask's image as the prompt takes it, and what getting it took.
+#[derive(Default)]
+struct Seen {
+    embeddings: Option<Arc<Vec<f32>>>,
+    preprocess_ms: f64,
+    encode_ms: f64,
+    /// Preprocessing done before the call, counted in its total too.
+    earlier_ms: f64,
+}
+
+/// P(a) between the two tokens `a` and `b` only.
+fn two_way_softmax(logits: &[f32], a: Token, b: Token) -> f32 {
+    let at = |t: Token| logits.get(t as usize).copied().unwrap_or(f32::NEG_INFINITY) as f64;
+    let (la, lb) = (at(a), at(b));
+    let m = la.max(lb);
+    let (ea, eb) = ((la - m).exp(), (lb - m).exp());
+    (ea / (ea + eb)) as f32
 }
 
 enum Run {
