@@ -388,21 +388,20 @@ impl PoseGpt {
     }
 
     /// Encode a frame and keep it as the live image without posing it (for a question when
-    /// the live image is too old or there is none), returning what the encoder took (ms).
+    /// the live image is too old or there is none).
     pub fn see_frame(
         &mut self,
         pixels: &[f32],
         frame_seq: u64,
         captured: Instant,
-    ) -> Result<f64, PoseGptError> {
-        let t = Instant::now();
-        let embeddings = Arc::new(self.bundle.vision.encode_pixels(pixels)?);
-        self.live = Some(LiveImage {
+    ) -> Result<LiveImage, PoseGptError> {
+        let live = LiveImage {
             frame_seq,
             captured,
-            embeddings,
-        });
-        Ok(ms(t.elapsed()))
+            embeddings: Arc::new(self.bundle.vision.encode_pixels(pixels)?),
+        };
+        self.live = Some(live.clone());
+        Ok(live)
     }
 
     /// The fast path from image embeddings already computed.

@@ -5,7 +5,7 @@
 //! never silence.
 
 use crate::llm::LlmError;
-use crate::posegpt::{Pose, PoseGptError, Reply, Timings};
+use crate::posegpt::{Pose, PoseGptError, Reply, Timings, YesNo};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +23,20 @@ pub struct AskRequest {
     /// Multi-turn: answers in the same conversation see its earlier turns.
     #[serde(default)]
     pub conversation: Option<String>,
+    /// What kind of answer (default: text).
+    #[serde(default)]
+    pub answer: AnswerKind,
+}
+
+/// The kind of answer a request wants.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AnswerKind {
+    /// Generated text, with poses.
+    #[default]
+    Text,
+    /// P(yes) from one prefill, no generation.
+    YesNo,
 }
 
 /// The image of a request.
@@ -53,6 +67,7 @@ pub struct ValidAsk {
     pub text: String,
     pub image: ValidImage,
     pub conversation: Option<String>,
+    pub answer: AnswerKind,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -149,7 +164,8 @@ pub fn parse_ask(payload: &[u8], limits: &Limits) -> Result<ValidAsk, ErrorReply
     if !value.is_object() {
         return Err(fail(
             ErrorCode::InvalidRequest,
-            "the payload must be a JSON object with fields id, text, image, conversation".into(),
+            "the payload must be a JSON object with fields id, text, image, conversation, answer"
+                .into(),
         ));
     }
     let req: AskRequest = serde_json::from_value(value.clone()).map_err(|e| {
@@ -229,6 +245,7 @@ pub fn parse_ask(payload: &[u8], limits: &Limits) -> Result<ValidAsk, ErrorReply
         text: req.text,
         image,
         conversation: req.conversation,
+        answer: req.answer,
     })
 }
 
@@ -298,24 +315,57 @@ fn truncate(s: &str, max: usize) -> String {
     s[..end].to_string()
 }
 
-/// A successful `<base>/answer` payload.
+/// The frame a question about the live scene was answered on.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct FrameRef {
+    /// The frame's sequence number at the source, as in pose messages.
+    pub frame_seq: u64,
+    /// How old the frame was when the answer was made.
+    pub frame_age_ms: f64,
+}
+
+/// A successful `<base>/answer` payload: generated text with poses, or a yes/no answer
+/// (`value`, `p_yes`; `text` "yes" or "no").
 #[derive(Debug, Clone, Serialize)]
 pub struct Answer<'a> {
     pub id: &'a str,
     pub text: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p_yes: Option<f32>,
     pub poses: &'a [Pose],
-    pub stop_reason: crate::llm::StopReason,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<crate::llm::StopReason>,
+    #[serde(flatten)]
+    pub frame: Option<FrameRef>,
     pub timings: &'a Timings,
 }
 
 impl<'a> Answer<'a> {
-    pub fn new(id: &'a str, reply: &'a Reply) -> Self {
+    pub fn new(id: &'a str, reply: &'a Reply, frame: Option<FrameRef>) -> Self {
         Self {
             id,
             text: &reply.text,
+            value: None,
+            p_yes: None,
             poses: &reply.poses,
-            stop_reason: reply.stop_reason,
+            stop_reason: Some(reply.stop_reason),
+            frame,
             timings: &reply.timings,
+        }
+    }
+
+    pub fn yes_no(id: &'a str, answer: &'a YesNo, frame: Option<FrameRef>) -> Self {
+        Self {
+            id,
+            text: if answer.value { "yes" } else { "no" },
+            value: Some(answer.value),
+            p_yes: Some(answer.p_yes),
+            poses: &[],
+            stop_reason: None,
+            frame,
+            timings: &answer.timings,
         }
     }
 }
@@ -357,6 +407,9 @@ pub struct Stats {
     pub asks_duplicate: u64,
     pub outbox_dropped: u64,
     pub tokens_per_s: f64,
+    /// Watch rule evaluations since start, and their mean time (ms).
+    pub watch_evaluations: u64,
+    pub watch_ms_mean: f64,
     /// Temperatures, GPU load and power rails where the machine has them (each left out
     /// otherwise).
     #[serde(flatten)]

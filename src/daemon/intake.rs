@@ -109,6 +109,7 @@ impl Intake {
                 id: ask.id,
                 text: ask.text,
                 conversation: ask.conversation,
+                answer: ask.answer,
                 image: JobImage::None,
                 reply_to,
             };

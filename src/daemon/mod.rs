@@ -8,7 +8,7 @@
 //! ```text
 //! broker ─asks─► poller ─► intake ─jobs─► inference thread ─replies─► publisher ─► broker
 //!                             └─────────────refusals───────────────────►  ▲  ▲
-//! capture thread ─frames─► inference thread ─poses────────────────────────┘  │
+//! capture thread ─frames─► inference thread ─poses, watch states/events───┘  │
 //! stats task ─stats──────────────────────────────────────────────────────────┘
 //! ```
 //!
@@ -20,6 +20,7 @@
 //! * frames: the newest wins, replaced frames are counted;
 //! * replies: the inference thread and the intake wait — no reply is dropped;
 //! * poses: the oldest is dropped and counted;
+//! * watch states and events: the inference thread waits;
 //! * stats: latest only.
 //!
 //! One shutdown signal, a [`CancellationToken`], is watched by every task and thread. Under
@@ -29,6 +30,7 @@
 mod intake;
 mod queues;
 mod stats;
+mod watches;
 mod worker;
 
 use crate::config::{BrokerAddress, Config};
@@ -53,6 +55,8 @@ use tokio_util::sync::CancellationToken;
 const ASK_CHANNEL: usize = 2 * crate::config::ASKS_IN_FLIGHT;
 /// Poses waiting for the publisher, at most; then the oldest is dropped.
 const POSE_QUEUE: usize = 4;
+/// Watch states and events waiting for the publisher, at most; then the inference thread waits.
+const WATCH_OUT: usize = 64;
 
 /// Run the daemon until SIGINT/SIGTERM. Returns after `offline` was published (or the broker
 /// could not take it in time).
@@ -87,6 +91,7 @@ pub struct Running {
     replies: mpsc::Receiver<queues::Outgoing>,
     poses: Arc<PoseQueue>,
     stats: watch::Receiver<Option<Vec<u8>>>,
+    watch_out: mpsc::Receiver<watches::WatchOut>,
     poller: JoinHandle<()>,
     /// Stops the poller if the broker never takes our disconnect.
     poller_stop: CancellationToken,
@@ -150,6 +155,8 @@ pub fn start(config: &Config) -> Result<Running> {
     heartbeat.beat();
     // The watchdog thread ends with the shutdown signal; nothing waits for it.
     let _watchdog = service::spawn_watchdog(heartbeat.clone(), shutdown.clone());
+    // Watch states and events: when full the inference thread waits (an event is never lost).
+    let (watch_tx, watch_rx) = mpsc::channel(WATCH_OUT);
     let worker = worker::Worker {
         jobs: job_rx,
         slot: slot.clone(),
@@ -159,6 +166,9 @@ pub fn start(config: &Config) -> Result<Running> {
         period: Duration::from_secs_f64(1.0 / config.pose.max_rate_hz as f64),
         heartbeat,
         shutdown: shutdown.clone(),
+        live_max_age: Duration::from_millis(config.requests.live_max_age_ms),
+        watches: watches::Watches::new(&config.watch, std::time::Instant::now()),
+        watch_out: watch_tx,
     }
     .spawn(pg)
     .context("cannot start the inference thread")?;
@@ -203,6 +213,7 @@ pub fn start(config: &Config) -> Result<Running> {
         replies: replies_rx,
         poses,
         stats: stats_rx,
+        watch_out: watch_rx,
         poller,
         poller_stop,
         worker,
@@ -351,6 +362,9 @@ impl Running {
                 }
                 Some(out) = self.replies.recv() => publish_reply(&mut self.publisher, out).await,
                 _ = self.poses.wait() => publish_poses(&mut self.publisher, &self.poses).await,
+                Some(out) = self.watch_out.recv() => {
+                    publish_watch(&mut self.publisher, &self.topics, out).await
+                }
                 Ok(()) = self.stats.changed() => {
                     let latest = self.stats.borrow_and_update().clone();
                     if let Some(p) = latest {
@@ -385,6 +399,9 @@ impl Running {
             tokio::select! {
                 Some(out) = self.replies.recv() => publish_reply(&mut self.publisher, out).await,
                 _ = self.poses.wait() => publish_poses(&mut self.publisher, &self.poses).await,
+                Some(out) = self.watch_out.recv() => {
+                    publish_watch(&mut self.publisher, &self.topics, out).await
+                }
                 _ = &mut worker_done => break,
                 _ = &mut grace => {
                     log::error!("the inference thread did not stop in time; exiting without it");
@@ -394,6 +411,9 @@ impl Running {
         }
         while let Ok(out) = self.replies.try_recv() {
             publish_reply(&mut self.publisher, out).await;
+        }
+        while let Ok(out) = self.watch_out.try_recv() {
+            publish_watch(&mut self.publisher, &self.topics, out).await;
         }
         aborter.abort();
         let close = self.publisher.close(Duration::from_millis(900));
@@ -425,6 +445,33 @@ async fn publish_reply(publisher: &mut Publisher, out: queues::Outgoing) {
                 .await
         }
         Err(e) => log::error!("cannot encode a reply: {e}"),
+    }
+}
+
+async fn publish_watch(publisher: &mut Publisher, topics: &Topics, out: watches::WatchOut) {
+    use watches::WatchOut;
+    let encoded = match &out {
+        WatchOut::State { state, .. } => serde_json::to_vec(state),
+        WatchOut::Event(e) => serde_json::to_vec(e),
+    };
+    let payload = match encoded {
+        Ok(p) => p,
+        Err(e) => return log::error!("cannot encode a watch message: {e}"),
+    };
+    match out {
+        WatchOut::State { watch, .. } => {
+            publisher
+                .publish_retained(topics.watch(&watch), payload)
+                .await
+        }
+        // Events go like replies: kept in the outbox while the broker is unreachable.
+        WatchOut::Event(_) => {
+            let to = mqtt::ReplyTo {
+                response_topic: Some(topics.events.clone()),
+                correlation: None,
+            };
+            publisher.send_reply(to, payload, true).await
+        }
     }
 }
 

@@ -2,8 +2,8 @@
 //! happens when it is full.
 
 use crate::mqtt::ReplyTo;
-use crate::posegpt::{FramePose, Reply};
-use crate::protocol::{Answer, ErrorReply};
+use crate::posegpt::{FramePose, Reply, YesNo};
+use crate::protocol::{Answer, ErrorReply, FrameRef};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -66,9 +66,18 @@ impl PoseQueue {
     }
 }
 
-/// What a request is answered with.
+/// What a request is answered with; `frame` for questions about the live scene.
 pub enum ReplyBody {
-    Answer { id: String, reply: Box<Reply> },
+    Answer {
+        id: String,
+        reply: Box<Reply>,
+        frame: Option<FrameRef>,
+    },
+    YesNo {
+        id: String,
+        answer: YesNo,
+        frame: Option<FrameRef>,
+    },
     Error(ErrorReply),
 }
 
@@ -76,7 +85,12 @@ impl ReplyBody {
     /// The JSON payload (on the MQTT side, not the inference thread).
     pub fn encode(&self) -> Result<Vec<u8>, serde_json::Error> {
         match self {
-            ReplyBody::Answer { id, reply } => serde_json::to_vec(&Answer::new(id, reply)),
+            ReplyBody::Answer { id, reply, frame } => {
+                serde_json::to_vec(&Answer::new(id, reply, *frame))
+            }
+            ReplyBody::YesNo { id, answer, frame } => {
+                serde_json::to_vec(&Answer::yes_no(id, answer, *frame))
+            }
             ReplyBody::Error(e) => serde_json::to_vec(e),
         }
     }

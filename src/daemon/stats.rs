@@ -25,11 +25,20 @@ pub struct Metrics {
     pub duplicates: AtomicU64,
     pub generated_tokens: AtomicU64,
     pub generate_us: AtomicU64,
+    /// Watch rule evaluations, and the time they took.
+    pub watch_evaluations: AtomicU64,
+    pub watch_us: AtomicU64,
     /// Recent capture-to-publish latencies (ms), newest last.
     latencies: Mutex<VecDeque<f64>>,
 }
 
 impl Metrics {
+    pub fn record_watch(&self, took: Duration) {
+        self.watch_evaluations.fetch_add(1, Ordering::Relaxed);
+        self.watch_us
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
     pub fn record_latency(&self, ms: f64) {
         let mut l = self.latencies.lock().unwrap_or_else(|e| e.into_inner());
         if l.len() == LATENCY_WINDOW {
@@ -95,6 +104,8 @@ pub async fn run(
         let now = Instant::now();
         let lat = metrics.sorted_latencies();
         let gen_s = metrics.generate_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let watch_n = metrics.watch_evaluations.load(Ordering::Relaxed);
+        let watch_ms = metrics.watch_us.load(Ordering::Relaxed) as f64 / 1e3;
         let stats = Stats {
             uptime_s: started.elapsed().as_secs_f64(),
             source_up: slot.source_up(),
@@ -116,6 +127,12 @@ pub async fn run(
                 + poses.dropped(),
             tokens_per_s: if gen_s > 0.0 {
                 metrics.generated_tokens.load(Ordering::Relaxed) as f64 / gen_s
+            } else {
+                0.0
+            },
+            watch_evaluations: watch_n,
+            watch_ms_mean: if watch_n > 0 {
+                watch_ms / watch_n as f64
             } else {
                 0.0
             },

@@ -220,6 +220,8 @@ pub struct Publisher {
     drop_logged: bool,
     /// Whether this outage's first kept reply was logged.
     keep_logged: bool,
+    /// Retained state made while offline, latest per topic, published after the next ConnAck.
+    retained: std::collections::BTreeMap<String, Vec<u8>>,
 }
 
 impl Publisher {
@@ -244,6 +246,7 @@ impl Publisher {
             qos1_sent: 0,
             drop_logged: false,
             keep_logged: false,
+            retained: Default::default(),
         }
     }
 
@@ -269,6 +272,29 @@ impl Publisher {
         }
         for k in waiting {
             self.send_reply(k.reply_to, k.payload, k.accepted).await;
+        }
+        for (topic, payload) in std::mem::take(&mut self.retained) {
+            self.publish_retained(topic, payload).await;
+        }
+    }
+
+    /// Retained state (a watch rule's): published now if connected, else the latest per topic
+    /// is kept for the next connection (an older state is worth nothing once a newer exists).
+    pub async fn publish_retained(&mut self, topic: String, payload: Vec<u8>) {
+        if !self.connected() {
+            self.retained.insert(topic, payload);
+            return;
+        }
+        match self
+            .client
+            .publish(topic.clone(), QoS::AtLeastOnce, true, payload.clone())
+            .await
+        {
+            Ok(()) => self.qos1_sent += 1,
+            Err(e) => {
+                log::warn!("publishing {topic} failed ({e}); keeping it for the next connection");
+                self.retained.insert(topic, payload);
+            }
         }
     }
 

@@ -28,6 +28,8 @@ pub struct Topics {
     pub ask: String,
     pub answer: String,
     pub stats: String,
+    /// Watch rules' state flips.
+    pub events: String,
 }
 
 impl Topics {
@@ -39,8 +41,14 @@ impl Topics {
             ask: format!("{base}/ask"),
             answer: format!("{base}/answer"),
             stats: format!("{base}/stats"),
+            events: format!("{base}/events"),
             base,
         }
+    }
+
+    /// A watch rule's retained state.
+    pub fn watch(&self, id: &str) -> String {
+        format!("{}/watch/{id}", self.base)
     }
 }
 
