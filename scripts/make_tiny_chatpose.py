@@ -27,6 +27,9 @@ state at the position before [SEG] → pose head → 6D → rotation matrices; p
 column blocks, two and three of them, as it writes a real projector's, so the parity test covers
 that form too.)
 
+`--preset mid` writes a mid-size model for benchmarks (scripts/make_mid_bundle.sh): a LLaMA of
+about 270M parameters (hidden 1024, 16 layers) and a CLIP ViT-B/16-224 tower.
+
 `--preset release --layers N` writes the same at the released model's shapes instead, with only
 the layer count reduced: LLaVA-1.5-13B's widths (hidden 5120, 40 heads, feed-forward 13824), a
 32 000-piece vocabulary plus the three added tokens, fp16 weights in three
@@ -58,6 +61,10 @@ PRESETS = {
     "release": dict(n_embd=5120, n_layer=2, n_head=40, n_head_kv=40, n_ff=13824, n_vocab=32000,
                     dtype=torch.float16, shards=3,
                     v_width=1024, v_layers=24, v_heads=16, v_ff=4096, image_size=336, patch=14),
+    # For benchmarks between the two: a LLaMA of ~270M parameters and a CLIP ViT-B/16-224 tower.
+    "mid": dict(n_embd=1024, n_layer=16, n_head=16, n_head_kv=16, n_ff=2816, n_vocab=32000,
+                dtype=torch.float16, shards=0,
+                v_width=768, v_layers=12, v_heads=12, v_ff=3072, image_size=224, patch=16),
 }
 SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the human's questions.")
@@ -158,7 +165,8 @@ def main():
         p["n_layer"] = args.layers
     out = Path(args.out)
     # The checkpoint folder's name becomes llm.gguf's general.name.
-    name = "chatpose-tiny" if args.preset == "tiny" else f"chatpose-13b-{p['n_layer']}-layers"
+    name = {"tiny": "chatpose-tiny", "mid": "chatpose-mid"}.get(
+        args.preset, f"chatpose-13b-{p['n_layer']}-layers")
     ckpt, clip_dir, fixtures = out / name, out / "clip", Path(args.fixtures)
     for d in (ckpt, clip_dir, fixtures):
         d.mkdir(parents=True, exist_ok=True)
@@ -225,8 +233,9 @@ def main():
     config.update({
         "architectures": ["ChatPoseForCausalLM"],
         "model_type": "llava",
-        "mm_vision_tower": ("openai/clip-vit-large-patch14-336" if args.preset == "release"
-                            else "tiny-clip-vit-14-56"),
+        "mm_vision_tower": {"release": "openai/clip-vit-large-patch14-336",
+                            "mid": "random-clip-vit-base-patch16-224"}.get(
+                                args.preset, "tiny-clip-vit-14-56"),
         "mm_hidden_size": p["v_width"],
         "mm_vision_select_layer": -2,
         "mm_vision_select_feature": "patch",
@@ -237,7 +246,7 @@ def main():
         "out_dim": 144,
     })
     config.pop("attn_implementation", None)
-    if args.preset == "release":
+    if p["dtype"] == torch.float16:
         config["torch_dtype"] = "float16"
     (ckpt / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tok.save_pretrained(ckpt)

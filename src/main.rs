@@ -375,7 +375,9 @@ fn run(cli: Cli) -> Result<()> {
             let options = model.options(smpl.as_ref());
             let threads = options.vision_threads;
             let mut pg = model.load(options)?;
-            log::info!("bench: {iterations} frames warm, {iterations} cold, one answer");
+            log::info!(
+                "bench: {iterations} frames warm, {iterations} cold, one answer, live-frame asks"
+            );
             let report = posegpt_edge::bench::pose_bench(
                 &mut pg,
                 &bytes,
@@ -419,6 +421,11 @@ fn run(cli: Cli) -> Result<()> {
                 println!(
                     "ask(): {} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s, first token after {:.1} ms",
                     a.prompt_tokens, a.prefill_tokens_per_s, a.generated_tokens, a.generation_tokens_per_s, a.time_to_first_token_ms
+                );
+                let l = &report.live_ask;
+                println!(
+                    "live-frame ask ({} pairs): first token after {:.1} ms reusing the frame ({} positions computed) vs {:.1} ms cold ({} positions, encoder included): {:.3}x",
+                    l.iterations, l.reuse_ttft.median_ms, l.reuse_positions_computed, l.cold_ttft.median_ms, l.cold_positions_computed, l.ttft_ratio
                 );
             }
         }

@@ -290,6 +290,11 @@ impl PoseGpt {
         self.session.set_abort_flag(flag);
     }
 
+    /// Change the most tokens one answer may have; returns the previous limit.
+    pub fn set_max_tokens(&mut self, max_tokens: usize) -> usize {
+        std::mem::replace(&mut self.options.max_tokens, max_tokens)
+    }
+
     /// The runtime settings this instance was loaded with.
     pub fn options(&self) -> &RuntimeOptions {
         &self.options
