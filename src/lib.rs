@@ -19,9 +19,10 @@
 //! * [`pose_head`] — hidden state → 24 × 6D → rotation matrices → axis-angle.
 //! * [`smpl`] — rotation conventions, forward kinematics on a skeleton, the SMPL body model.
 //! * [`protocol`] — the MQTT JSON messages and the validation of requests; [`mqtt`] — topics,
-//!   the client and the embedded broker.
-//! * [`daemon`] — the wiring: start, run, shutdown; the inference thread, the request intake,
-//!   the hand-overs between them and what each does when full.
+//!   the client, Home Assistant's discovery and the embedded broker.
+//! * [`daemon`] — the wiring: start, run, shutdown; the inference thread (poses, questions,
+//!   watch rules on the live frame), the request intake, the hand-overs between them and what
+//!   each does when full.
 //! * Around them: [`bundle`] (a model bundle, checked on load), [`config`] (the daemon's TOML),
 //!   [`service`] (systemd), [`health`] (temperatures, GPU load, power), [`bench`].
 

@@ -407,6 +407,10 @@ pub struct Stats {
     pub asks_duplicate: u64,
     pub outbox_dropped: u64,
     pub tokens_per_s: f64,
+    /// The last pose's confidence (P(pose token)).
+    pub pose_confidence: f64,
+    /// Median total time of the last 100 answers, ms (0 before the first).
+    pub answer_ms_p50: f64,
     /// Watch rule evaluations since start, and their mean time (ms).
     pub watch_evaluations: u64,
     pub watch_ms_mean: f64,
@@ -414,6 +418,9 @@ pub struct Stats {
     /// otherwise).
     #[serde(flatten)]
     pub health: crate::health::Health,
+    /// The hottest of `temperature_c` (left out where there is none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature_c_max: Option<f64>,
 }
 
 #[cfg(test)]

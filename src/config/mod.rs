@@ -31,6 +31,29 @@ pub struct Config {
     pub smpl: SmplConfig,
     /// Standing questions about the live scene (`[[watch]]` entries; none by default).
     pub watch: Vec<WatchRule>,
+    pub homeassistant: HomeAssistantConfig,
+}
+
+/// Home Assistant's MQTT discovery (docs/homeassistant.md).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HomeAssistantConfig {
+    /// Publish discovery and take questions from Home Assistant's text entity.
+    pub enabled: bool,
+    /// Home Assistant's discovery prefix (its MQTT integration's setting).
+    pub prefix: String,
+    /// The device's name in Home Assistant; empty = "PoseGPT <device.id>".
+    pub device_name: String,
+}
+
+impl Default for HomeAssistantConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            prefix: "homeassistant".into(),
+            device_name: String::new(),
+        }
+    }
 }
 
 /// Limits on every image from outside (inline in asks, image files and folders), checked from
@@ -434,6 +457,13 @@ impl Config {
         };
         if let Err((key, problem)) = watch::validate(&self.watch, self.requests.max_text_bytes) {
             return bad(&key, problem);
+        }
+        let prefix = &self.homeassistant.prefix;
+        if prefix.trim_matches('/').is_empty() || prefix.contains(['+', '#']) {
+            return bad(
+                "homeassistant.prefix",
+                format!("= {prefix:?}: must be a topic without wildcards, e.g. \"homeassistant\""),
+            );
         }
         let id = &self.device.id;
         if id.is_empty() || id.contains(['/', '+', '#']) || id.chars().any(char::is_whitespace) {

@@ -165,6 +165,8 @@ fn errors_name_the_key() {
         e.contains("model.vision_runtime") && e.contains("cuda"),
         "{e}"
     );
+    let e = err("[homeassistant]\nprefix = \"#\"\n");
+    assert!(e.contains("homeassistant.prefix"), "{e}");
     let e = err("[sauce]\n");
     assert!(e.contains("sauce"), "{e}");
     let e = err("[mqtt]\nurl = \"http://x\"\n");

@@ -92,6 +92,7 @@ pub struct Running {
     poses: Arc<PoseQueue>,
     stats: watch::Receiver<Option<Vec<u8>>>,
     watch_out: mpsc::Receiver<watches::WatchOut>,
+    ha_events: mpsc::Receiver<mqtt::HaEvent>,
     poller: JoinHandle<()>,
     /// Stops the poller if the broker never takes our disconnect.
     poller_stop: CancellationToken,
@@ -125,11 +126,23 @@ pub fn start(config: &Config) -> Result<Running> {
     // Connections: latest only (a count of ConnAcks).
     let (conn_tx, connections) = watch::channel(0u64);
     let poller_stop = CancellationToken::new();
+    let home_assistant = config
+        .homeassistant
+        .enabled
+        .then(|| home_assistant(config, &topics, &pg));
+    // Home Assistant's `online` and our retained discovery: when full, dropped and logged
+    // (each comes again: with Home Assistant's next start, with the next connection).
+    let (ha_tx, ha_rx) = mpsc::channel(8);
+    let inbound = mqtt::Inbound {
+        topics: topics.clone(),
+        ha: home_assistant.as_ref().map(|h| h.topics.clone()),
+        asks: ask_tx,
+        ha_events: ha_tx,
+    };
     let poller = tokio::spawn(mqtt::poll_loop(
         eventloop,
-        topics.clone(),
         client.clone(),
-        ask_tx,
+        inbound,
         conn_tx,
         counters.clone(),
         poller_stop.clone(),
@@ -197,13 +210,17 @@ pub fn start(config: &Config) -> Result<Running> {
     let every = Duration::from_secs_f64(config.mqtt.stats_interval_s);
     tokio::spawn(stats::run(sources, every, stats_tx, shutdown.clone()));
 
-    let publisher = Publisher::new(
+    let mut publisher = Publisher::new(
         client,
         topics.clone(),
         config.pose.qos,
         config.mqtt.outbox,
         counters.clone(),
     );
+    if let Some(ha) = home_assistant {
+        log::info!("Home Assistant discovery on {}", ha.topics.discovery);
+        publisher = publisher.with_home_assistant(ha);
+    }
     Ok(Running {
         shutdown,
         abort,
@@ -214,12 +231,26 @@ pub fn start(config: &Config) -> Result<Running> {
         poses,
         stats: stats_rx,
         watch_out: watch_rx,
+        ha_events: ha_rx,
         poller,
         poller_stop,
         worker,
         capture,
         topics,
     })
+}
+
+/// Home Assistant's discovery for this device, its watch rules and this machine's sensors.
+fn home_assistant(config: &Config, topics: &Topics, pg: &PoseGpt) -> mqtt::HomeAssistant {
+    let health = crate::health::HealthReader::default().read();
+    let facts = mqtt::DeviceFacts {
+        device_id: config.device.id.clone(),
+        name: config.homeassistant.device_name.clone(),
+        model: pg.bundle().manifest.name.clone(),
+        temperatures: !health.temperature_c.is_empty(),
+        gpu_load: health.gpu_load_percent.is_some(),
+    };
+    mqtt::HomeAssistant::new(&config.homeassistant.prefix, topics, &facts, &config.watch)
 }
 
 fn load_model(config: &Config) -> Result<PoseGpt> {
@@ -365,6 +396,7 @@ impl Running {
                 Some(out) = self.watch_out.recv() => {
                     publish_watch(&mut self.publisher, &self.topics, out).await
                 }
+                Some(event) = self.ha_events.recv() => self.publisher.home_assistant_event(event).await,
                 Ok(()) = self.stats.changed() => {
                     let latest = self.stats.borrow_and_update().clone();
                     if let Some(p) = latest {
@@ -438,6 +470,14 @@ impl Running {
 }
 
 async fn publish_reply(publisher: &mut Publisher, out: queues::Outgoing) {
+    if out.reply_to.home_assistant {
+        // The last answer is the sensor's state: retained, the latest kept while offline.
+        let topic = out.reply_to.response_topic.clone().unwrap_or_default();
+        return match out.body.encode_for_home_assistant() {
+            Ok(payload) => publisher.publish_retained(topic, payload).await,
+            Err(e) => log::error!("cannot encode a reply: {e}"),
+        };
+    }
     match out.body.encode() {
         Ok(payload) => {
             publisher
@@ -468,7 +508,7 @@ async fn publish_watch(publisher: &mut Publisher, topics: &Topics, out: watches:
         WatchOut::Event(_) => {
             let to = mqtt::ReplyTo {
                 response_topic: Some(topics.events.clone()),
-                correlation: None,
+                ..mqtt::ReplyTo::default()
             };
             publisher.send_reply(to, payload, true).await
         }

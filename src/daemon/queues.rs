@@ -96,6 +96,33 @@ impl ReplyBody {
     }
 }
 
+impl ReplyBody {
+    /// The payload for Home Assistant's last-answer sensor: `value` (the state: at most 255
+    /// characters), `text` (all of it), `id`, `at_ms`, and `frame_seq` for the live frame.
+    pub fn encode_for_home_assistant(&self) -> Result<Vec<u8>, serde_json::Error> {
+        let (id, text, frame) = match self {
+            ReplyBody::Answer { id, reply, frame } => {
+                (Some(id.clone()), reply.text.clone(), *frame)
+            }
+            ReplyBody::YesNo { id, answer, frame } => {
+                let text = if answer.value { "yes" } else { "no" };
+                (Some(id.clone()), text.to_string(), *frame)
+            }
+            ReplyBody::Error(e) => (e.id.clone(), format!("error: {}", e.error.message), None),
+        };
+        let at_ms = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        serde_json::to_vec(&serde_json::json!({
+            "value": crate::mqtt::state_text(&text),
+            "text": text,
+            "id": id,
+            "at_ms": at_ms,
+            "frame_seq": frame.map(|f| f.frame_seq),
+        }))
+    }
+}
+
 /// A reply and where it goes.
 pub struct Outgoing {
     pub reply_to: ReplyTo,

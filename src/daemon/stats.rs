@@ -30,7 +30,14 @@ pub struct Metrics {
     pub watch_us: AtomicU64,
     /// Recent capture-to-publish latencies (ms), newest last.
     latencies: Mutex<VecDeque<f64>>,
+    /// Recent answers' total times (ms), newest last.
+    answer_ms: Mutex<VecDeque<f64>>,
+    /// The last pose's confidence (f32 bits).
+    confidence: std::sync::atomic::AtomicU32,
 }
+
+/// Answers the answer latency percentile covers.
+const ANSWER_WINDOW: usize = 100;
 
 impl Metrics {
     pub fn record_watch(&self, took: Duration) {
@@ -45,6 +52,31 @@ impl Metrics {
             l.pop_front();
         }
         l.push_back(ms);
+    }
+
+    pub fn record_answer(&self, ms: f64) {
+        let mut l = self.answer_ms.lock().unwrap_or_else(|e| e.into_inner());
+        if l.len() == ANSWER_WINDOW {
+            l.pop_front();
+        }
+        l.push_back(ms);
+    }
+
+    pub fn set_confidence(&self, confidence: f32) {
+        self.confidence
+            .store(confidence.to_bits(), Ordering::Relaxed);
+    }
+
+    fn answer_ms_p50(&self) -> f64 {
+        let mut a: Vec<f64> = self
+            .answer_ms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        a.sort_by(f64::total_cmp);
+        percentile(&a, 0.5)
     }
 
     fn sorted_latencies(&self) -> Vec<f64> {
@@ -130,6 +162,8 @@ pub async fn run(
             } else {
                 0.0
             },
+            pose_confidence: f32::from_bits(metrics.confidence.load(Ordering::Relaxed)) as f64,
+            answer_ms_p50: metrics.answer_ms_p50(),
             watch_evaluations: watch_n,
             watch_ms_mean: if watch_n > 0 {
                 watch_ms / watch_n as f64
@@ -137,6 +171,16 @@ pub async fn run(
                 0.0
             },
             health: health.read(),
+            temperature_c_max: None,
+        };
+        let stats = Stats {
+            temperature_c_max: stats
+                .health
+                .temperature_c
+                .values()
+                .copied()
+                .reduce(f64::max),
+            ..stats
         };
         log::info!(
             "stats: {:.1} poses/s, latency p50 {:.0} ms p99 {:.0} ms, frames {} captured {} dropped, asks {} answered {} refused",

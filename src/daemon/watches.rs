@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// `<base>/watch/<id>` (retained): the rule's state.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct WatchState {
-    /// yes_no: the held state; text: the answer.
+    /// yes_no: the held state; text: the answer, at most 255 characters.
     pub value: serde_json::Value,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p_yes: Option<f32>,
@@ -127,12 +127,13 @@ impl Watches {
         out
     }
 
-    /// A text evaluation: its answer is the state, every time.
+    /// A text evaluation: its answer is the state, every time (`value` cut to Home
+    /// Assistant's 255 characters, `text` whole).
     pub fn text(id: &str, text: String, frame_seq: u64) -> WatchOut {
         WatchOut::State {
             watch: id.to_string(),
             state: WatchState {
-                value: text.clone().into(),
+                value: crate::mqtt::state_text(&text).into(),
                 p_yes: None,
                 text: Some(text),
                 frame_seq,

@@ -125,6 +125,7 @@ impl Worker {
             match result {
                 Ok(pose) => {
                     let latency_ms = frame.captured_instant.elapsed().as_secs_f64() * 1e3;
+                    self.metrics.set_confidence(pose.pose.confidence);
                     // Encoded on the MQTT side: the next frame's inference starts now.
                     self.poses.push(PoseDone {
                         seq,
@@ -223,6 +224,12 @@ impl Worker {
             },
         };
         m.answered.fetch_add(1, Ordering::Relaxed);
+        let total_ms = match &body {
+            ReplyBody::Answer { reply, .. } => reply.timings.total_ms,
+            ReplyBody::YesNo { answer, .. } => answer.timings.total_ms,
+            ReplyBody::Error(_) => 0.0,
+        };
+        m.record_answer(total_ms);
         self.replies.answer_blocking(reply_to, body);
     }
 

@@ -6,11 +6,13 @@
 //!   when it is full, refusals (`busy`, invalid requests) go first, oldest first, so that
 //!   answers to accepted requests — at most `requests.queue` + 1 of them at a time — are kept;
 //! * poses are a live stream: dropped and counted;
-//! * stats are latest-only: not kept, the next interval's stats replace them.
+//! * stats are latest-only: not kept, the next interval's stats replace them;
+//! * retained state (watch rules, Home Assistant's last answer) is kept, the latest per topic;
+//! * watch events go like replies.
 //!
 //! Every ConnAck re-subscribes and re-announces `online`: the session may be gone.
 
-use super::{Ack, IncomingAsk, MqttCounters, ReplyTo, Topics};
+use super::{Ack, HaEvent, HaTopics, HomeAssistant, IncomingAsk, MqttCounters, ReplyTo, Topics};
 use crate::protocol::{peek_id, ErrorCode, ErrorReply};
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
@@ -28,13 +30,18 @@ use tokio_util::sync::CancellationToken;
 /// non-blocking publish.
 pub async fn poll_loop(
     mut eventloop: EventLoop,
-    topics: Topics,
     client: AsyncClient,
-    asks: mpsc::Sender<IncomingAsk>,
+    inbound: Inbound,
     connections: watch::Sender<u64>,
     counters: Arc<MqttCounters>,
     hard_stop: CancellationToken,
 ) {
+    let Inbound {
+        topics,
+        ha,
+        asks,
+        ha_events,
+    } = inbound;
     let mut backoff = Duration::from_millis(200);
     let mut last_failure: Option<String> = None;
     let mut overflow = Overflow::default();
@@ -66,16 +73,24 @@ pub async fn poll_loop(
                 connections.send_modify(|n| *n += 1);
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                if p.topic.as_ref() != topics.ask.as_bytes() {
-                    let _ = client.try_ack(&p); // nothing else is subscribed
-                    continue;
-                }
+                let from_ha = ha
+                    .as_ref()
+                    .is_some_and(|h| p.topic.as_ref() == h.ask.as_bytes());
+                let p = if p.topic.as_ref() == topics.ask.as_bytes() {
+                    p
+                } else {
+                    match home_assistant(p, ha.as_ref(), &ha_events, &client) {
+                        Some(p) => p,
+                        None => continue,
+                    }
+                };
                 let props = p.properties.clone().unwrap_or_default();
                 let ask = IncomingAsk {
                     payload: p.payload.to_vec(),
                     reply_to: ReplyTo {
                         response_topic: props.response_topic,
                         correlation: props.correlation_data.map(|b| b.to_vec()),
+                        home_assistant: from_ha,
                     },
                     ack: Ack::new(client.clone(), p),
                 };
@@ -161,6 +176,64 @@ impl Overflow {
     }
 }
 
+/// Where the poller sends what comes in.
+pub struct Inbound {
+    pub topics: Topics,
+    /// Home Assistant's topics, when its integration is on.
+    pub ha: Option<HaTopics>,
+    /// Asks (and questions from Home Assistant) to the intake.
+    pub asks: mpsc::Sender<IncomingAsk>,
+    /// Home Assistant's `online` and our own retained discovery message, to the publisher.
+    pub ha_events: mpsc::Sender<HaEvent>,
+}
+
+/// A message on one of Home Assistant's topics: a question from its text entity comes back as
+/// an ask (the text, about the live frame, answered in Home Assistant's form); `online` and our
+/// own retained discovery message go to the publisher. Anything else is acknowledged and
+/// dropped (nothing else is subscribed).
+fn home_assistant(
+    mut p: rumqttc::v5::mqttbytes::v5::Publish,
+    ha: Option<&HaTopics>,
+    events: &mpsc::Sender<HaEvent>,
+    client: &AsyncClient,
+) -> Option<rumqttc::v5::mqttbytes::v5::Publish> {
+    let topic = p.topic.as_ref();
+    let event = match ha {
+        Some(ha) if topic == ha.ask.as_bytes() => {
+            static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = SEQ.fetch_add(1, Ordering::Relaxed);
+            let ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis());
+            let ask = serde_json::json!({
+                "id": format!("ha-{ms}-{n}"),
+                "text": String::from_utf8_lossy(&p.payload),
+                "image": "live",
+            });
+            p.payload = serde_json::to_vec(&ask).unwrap_or_default().into();
+            let mut props = p.properties.take().unwrap_or_default();
+            props.response_topic = Some(ha.answer.clone());
+            props.correlation_data = None;
+            p.properties = Some(props);
+            return Some(p);
+        }
+        Some(ha) if topic == ha.status.as_bytes() => {
+            (p.payload.as_ref() == b"online").then_some(HaEvent::Online)
+        }
+        Some(ha) if topic == ha.discovery.as_bytes() && !p.payload.is_empty() => {
+            Some(HaEvent::PreviousDiscovery(p.payload.to_vec()))
+        }
+        _ => None,
+    };
+    let _ = client.try_ack(&p);
+    if let Some(e) = event {
+        if let Err(e) = events.try_send(e) {
+            log::warn!("a Home Assistant event was dropped (the publisher is behind): {e}");
+        }
+    }
+    None
+}
+
 /// An ask that found the intake full and no room to wait: answered `busy` without waiting
 /// (try_publish never blocks the poll); if even that cannot be queued, counted.
 fn refuse_busy(client: &AsyncClient, topics: &Topics, ask: IncomingAsk, counters: &MqttCounters) {
@@ -222,6 +295,8 @@ pub struct Publisher {
     keep_logged: bool,
     /// Retained state made while offline, latest per topic, published after the next ConnAck.
     retained: std::collections::BTreeMap<String, Vec<u8>>,
+    /// Home Assistant's discovery, when its integration is on.
+    ha: Option<HomeAssistant>,
 }
 
 impl Publisher {
@@ -247,7 +322,14 @@ impl Publisher {
             drop_logged: false,
             keep_logged: false,
             retained: Default::default(),
+            ha: None,
         }
+    }
+
+    /// Publish Home Assistant's discovery after each connection and when it asks for it.
+    pub fn with_home_assistant(mut self, ha: HomeAssistant) -> Self {
+        self.ha = Some(ha);
+        self
     }
 
     fn connected(&self) -> bool {
@@ -265,7 +347,16 @@ impl Publisher {
         {
             log::warn!("subscribing to {} failed: {e}", self.topics.ask);
         }
+        if let Some(ha) = &self.ha {
+            let t = &ha.topics;
+            for topic in [&t.status, &t.ask, &t.discovery] {
+                if let Err(e) = self.client.subscribe(topic.clone(), QoS::AtLeastOnce).await {
+                    log::warn!("subscribing to {topic} failed: {e}");
+                }
+            }
+        }
         self.publish_status("online").await;
+        self.publish_discovery().await;
         let waiting: Vec<Kept> = self.outbox.drain(..).collect();
         if !waiting.is_empty() {
             log::info!("delivering {} replies kept while offline", waiting.len());
@@ -275,6 +366,34 @@ impl Publisher {
         }
         for (topic, payload) in std::mem::take(&mut self.retained) {
             self.publish_retained(topic, payload).await;
+        }
+    }
+
+    /// Home Assistant's discovery message (retained).
+    async fn publish_discovery(&mut self) {
+        let Some(ha) = &self.ha else { return };
+        let topic = ha.topics.discovery.clone();
+        let payload = serde_json::to_vec(ha.discovery()).unwrap_or_default();
+        self.publish_retained(topic, payload).await;
+    }
+
+    /// What Home Assistant's side said (see [`HaEvent`]).
+    pub async fn home_assistant_event(&mut self, event: HaEvent) {
+        match event {
+            HaEvent::Online => {
+                log::info!("Home Assistant started: publishing discovery again");
+                self.publish_discovery().await;
+            }
+            HaEvent::PreviousDiscovery(previous) => {
+                let Some(ha) = &self.ha else { return };
+                if let Some(update) = ha.removal_update(&previous) {
+                    log::info!("removing components of dropped watch rules from Home Assistant");
+                    let topic = ha.topics.discovery.clone();
+                    let payload = serde_json::to_vec(&update).unwrap_or_default();
+                    self.publish_retained(topic, payload).await;
+                    self.publish_discovery().await;
+                }
+            }
         }
     }
 

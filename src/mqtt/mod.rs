@@ -4,10 +4,12 @@
 
 mod broker;
 mod client;
+mod homeassistant;
 mod tls;
 
 pub use broker::start_embedded_broker;
-pub use client::{poll_loop, Publisher};
+pub use client::{poll_loop, Inbound, Publisher};
+pub use homeassistant::{state_text, DeviceFacts, HaEvent, HaTopics, HomeAssistant};
 pub use tls::tls_config;
 
 use crate::config::{BrokerAddress, Config, MqttConfig};
@@ -74,6 +76,9 @@ pub enum MqttError {
 pub struct ReplyTo {
     pub response_topic: Option<String>,
     pub correlation: Option<Vec<u8>>,
+    /// A question from Home Assistant's text entity: the answer goes to its sensor, retained,
+    /// as `{value, text, id, at_ms}` (`response_topic` is that sensor's topic).
+    pub home_assistant: bool,
 }
 
 /// An incoming ask, raw, with where to answer it and how to acknowledge it.

@@ -238,6 +238,16 @@ pub struct Watcher {
 
 impl Watcher {
     pub async fn connect(port: u16, name: &str) -> Self {
+        let topics = [
+            format!("posegpt/{DEVICE}/#"),
+            "client/replies/#".to_string(),
+        ];
+        Self::connect_to(port, name, &topics).await
+    }
+
+    /// A watcher of other topics (filters, e.g. `homeassistant/#`).
+    pub async fn connect_to(port: u16, name: &str, topics: &[String]) -> Self {
+        let topics = topics.to_vec();
         let mut opts = MqttOptions::new(name, "127.0.0.1", port);
         opts.set_keep_alive(Duration::from_secs(5));
         opts.set_max_packet_size(Some(8 << 20));
@@ -251,11 +261,8 @@ impl Watcher {
                 match eventloop.poll().await {
                     // A clean session: subscribe on every connection (also after a broker restart).
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        for topic in [
-                            format!("posegpt/{DEVICE}/#"),
-                            "client/replies/#".to_string(),
-                        ] {
-                            let _ = resubscriber.try_subscribe(topic, QoS::AtLeastOnce);
+                        for topic in &topics {
+                            let _ = resubscriber.try_subscribe(topic.clone(), QoS::AtLeastOnce);
                         }
                     }
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
@@ -301,7 +308,7 @@ impl Watcher {
 
     /// The next message on `topic` for which `pred` holds, within `secs`.
     pub async fn expect(&mut self, topic: &str, secs: u64, pred: impl Fn(&Msg) -> bool) -> Msg {
-        let full = if topic.starts_with("client/") {
+        let full = if topic.starts_with("client/") || topic.starts_with("homeassistant/") {
             topic.to_string()
         } else {
             format!("posegpt/{DEVICE}/{topic}")
