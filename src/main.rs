@@ -59,6 +59,9 @@ enum Command {
         top_p: f32,
         #[arg(long, default_value_t = 0)]
         seed: u32,
+        /// Answer yes or no without generating: prints P(yes) from one prefill.
+        #[arg(long)]
+        yes_no: bool,
         /// The question.
         question: String,
     },
@@ -302,6 +305,7 @@ fn run(cli: Cli) -> Result<()> {
             top_k,
             top_p,
             seed,
+            yes_no,
             question,
         } => {
             let img = image.as_deref().map(load_image).transpose()?;
@@ -319,8 +323,14 @@ fn run(cli: Cli) -> Result<()> {
                 Sampling::Greedy
             };
             let mut pg = model.load(options)?;
-            let reply = pg.ask(&question, img.as_ref(), None)?;
-            println!("{}", serde_json::to_string_pretty(&reply)?);
+            if yes_no {
+                let image = img.as_ref().map(posegpt_edge::posegpt::AskImage::Rgb);
+                let answer = pg.ask_yes_no(&question, image, None)?;
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else {
+                let reply = pg.ask(&question, img.as_ref(), None)?;
+                println!("{}", serde_json::to_string_pretty(&reply)?);
+            }
         }
         Command::Quantize {
             input,

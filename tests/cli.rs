@@ -59,6 +59,22 @@ fn ask_prints_text_and_one_pose_per_marker() {
 }
 
 #[test]
+fn ask_yes_no_prints_p_yes_without_generating() {
+    let v = json(&run(&[
+        "ask",
+        "--yes-no",
+        "--image",
+        "models/samples/person-wave.png",
+        "Is the person waving?",
+    ]));
+    let p = v["p_yes"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&p), "{v}");
+    assert_eq!(v["value"], p >= 0.5, "{v}");
+    assert_eq!(v["timings"]["generated_tokens"], 0, "{v}");
+    assert!(v["timings"]["encode_ms"].as_f64().unwrap() > 0.0, "{v}");
+}
+
+#[test]
 fn check_prints_bundle_facts_and_the_sample_confidence() {
     let v = json(&run(&["check", "--bundle", "models/test-tiny"]));
     assert_eq!(v["n_embd"], 64);

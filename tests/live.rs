@@ -146,3 +146,35 @@ fn yes_no_is_the_two_token_softmax_of_a_cold_prefill() {
         );
     }
 }
+
+#[test]
+fn a_conversation_about_the_live_frame_goes_on() {
+    let mut pg = common::load_exact(&root().join("models/test-tiny"), 8);
+    let img = sample();
+    let pixels = pg.bundle().vision.preprocess(&img);
+    pg.pose_frame(&pixels, 0.0, 3, Instant::now()).unwrap();
+    let live = pg.live_image().unwrap().clone();
+    let first = pg
+        .ask_about(
+            "Who is there?",
+            Some(AskImage::Encoded(&live.embeddings)),
+            Some("c"),
+        )
+        .unwrap();
+    // The follow-up's prompt holds the first turn, its image included: the cache holds all of
+    // the first prompt, so at least that is reused.
+    let second = pg.ask_about("And what next?", None, Some("c")).unwrap();
+    assert_eq!(pg.history_len("c"), 2);
+    assert!(
+        second.timings.reused_positions >= first.timings.prompt_positions,
+        "{} reused, the first prompt had {}",
+        second.timings.reused_positions,
+        first.timings.prompt_positions
+    );
+    assert!(second.timings.prompt_positions > first.timings.prompt_positions);
+    let yes_no = pg
+        .ask_yes_no("Is it the same person?", None, Some("c"))
+        .unwrap();
+    assert!(yes_no.timings.reused_positions >= second.timings.prompt_positions);
+    assert_eq!(pg.history_len("c"), 3);
+}

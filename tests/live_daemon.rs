@@ -139,3 +139,25 @@ async fn live_questions_and_watch_rules() {
         }
     }
 }
+
+/// A live frame older than `requests.live_max_age_ms` is not reused: the newest frame is
+/// encoded for the question (here every time: the limit is 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_live_frame_is_replaced_by_the_newest() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port_pair();
+    let _broker = Mosquitto::start(dir.path(), port);
+    let mut w = Watcher::connect(port, "watcher-stale").await;
+    let config =
+        format!("[mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\n[requests]\nlive_max_age_ms = 0\n");
+    let mut daemon = Daemon::start(dir.path(), &config);
+    w.expect("available", 60, is("online")).await;
+    w.expect("pose", 30, |_| true).await;
+    w.ask(r#"{"id":"stale","text":"Is anyone there?","image":"live","answer":"yes_no"}"#)
+        .await;
+    let a = json(&w.expect("answer", 30, answer_for("stale")).await);
+    assert!(a["timings"]["encode_ms"].as_f64().unwrap() > 0.0, "{a}");
+    assert!(a["frame_seq"].is_u64(), "{a}");
+    daemon.signal("-TERM");
+    assert!(daemon.wait_exit(Duration::from_secs(60)).success());
+}
