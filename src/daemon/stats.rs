@@ -47,19 +47,11 @@ impl Metrics {
     }
 
     pub fn record_latency(&self, ms: f64) {
-        let mut l = self.latencies.lock().unwrap_or_else(|e| e.into_inner());
-        if l.len() == LATENCY_WINDOW {
-            l.pop_front();
-        }
-        l.push_back(ms);
+        push_bounded(&self.latencies, LATENCY_WINDOW, ms);
     }
 
     pub fn record_answer(&self, ms: f64) {
-        let mut l = self.answer_ms.lock().unwrap_or_else(|e| e.into_inner());
-        if l.len() == ANSWER_WINDOW {
-            l.pop_front();
-        }
-        l.push_back(ms);
+        push_bounded(&self.answer_ms, ANSWER_WINDOW, ms);
     }
 
     pub fn set_confidence(&self, confidence: f32) {
@@ -68,28 +60,32 @@ impl Metrics {
     }
 
     fn answer_ms_p50(&self) -> f64 {
-        let mut a: Vec<f64> = self
-            .answer_ms
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .copied()
-            .collect();
-        a.sort_by(f64::total_cmp);
-        percentile(&a, 0.5)
+        percentile(&sorted(&self.answer_ms), 0.5)
     }
 
     fn sorted_latencies(&self) -> Vec<f64> {
-        let mut lat: Vec<f64> = self
-            .latencies
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .copied()
-            .collect();
-        lat.sort_by(f64::total_cmp);
-        lat
+        sorted(&self.latencies)
     }
+}
+
+/// A window of recent values: the oldest goes when it is full.
+fn push_bounded(window: &Mutex<VecDeque<f64>>, cap: usize, v: f64) {
+    let mut w = window.lock().unwrap_or_else(|e| e.into_inner());
+    if w.len() == cap {
+        w.pop_front();
+    }
+    w.push_back(v);
+}
+
+fn sorted(window: &Mutex<VecDeque<f64>>) -> Vec<f64> {
+    let mut v: Vec<f64> = window
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .copied()
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
