@@ -103,6 +103,7 @@ fn head_and_message(c: &mut Criterion) {
                 published_at_ms: 1_764_000_000_007,
                 latency_ms: 6.9,
                 persons: std::slice::from_ref(&pose),
+                smoothed: false,
                 timings: &timings,
             };
             serde_json::to_vec(black_box(&msg)).unwrap()

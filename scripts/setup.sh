@@ -6,7 +6,8 @@
 #   scripts/setup.sh           what building and running the daemon need
 #   scripts/setup.sh --tests   also what only the test suite needs: the model converter's Python
 #                              environment in .venv-convert (torch and friends, ~5 GB; tests/convert.rs
-#                              runs the converter with it) and llama.cpp's converter script
+#                              runs the converter with it), llama.cpp's converter script, and
+#                              Chromium (tests/web.rs opens the live view in it, headless)
 set -euo pipefail
 TESTS=0
 for arg in "$@"; do
@@ -36,7 +37,7 @@ if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet mosquitto
 fi
 
 if [ "$TESTS" = 1 ]; then
-    $SUDO apt-get install -y --no-install-recommends python3 python3-venv
+    $SUDO apt-get install -y --no-install-recommends python3 python3-venv chromium
     # Reinstalled only when the requirements change; pip's cache is not kept (it would double
     # the disk this takes).
     stamp=$(sha256sum scripts/requirements-convert.txt | cut -c1-16)

@@ -23,6 +23,8 @@
 //! * [`daemon`] — the wiring: start, run, shutdown; the inference thread (poses, questions,
 //!   watch rules on the live frame), the request intake, the hand-overs between them and what
 //!   each does when full.
+//! * [`web`] — the live view: a page served by the daemon that draws the pose, charts the
+//!   stream, shows the watch rules and the device's health, and asks questions.
 //! * Around them: [`bundle`] (a model bundle, checked on load), [`config`] (the daemon's TOML),
 //!   [`service`] (systemd), [`health`] (temperatures, GPU load, power), [`bench`].
 
@@ -40,6 +42,7 @@ pub mod protocol;
 pub mod service;
 pub mod smpl;
 pub mod vision;
+pub mod web;
 
 // tract's CUDA runtime registers itself with tract when linked; nothing names it otherwise.
 #[cfg(feature = "vision-cuda")]

@@ -49,6 +49,11 @@ impl SmplPose {
             .chunks_exact(6)
             .map(|c| rot6d_to_matrix(&[c[0], c[1], c[2], c[3], c[4], c[5]]))
             .collect();
+        Self::from_rotmats(rotmats)
+    }
+
+    /// Build from 24 rotation matrices (joint 0 first).
+    pub fn from_rotmats(rotmats: Vec<Mat3>) -> Self {
         let global_orient = matrix_to_axis_angle(&rotmats[0]);
         let mut body_pose = [0f32; 69];
         for (j, m) in rotmats[1..].iter().enumerate() {

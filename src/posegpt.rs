@@ -437,6 +437,20 @@ impl PoseGpt {
         Ok(FramePose { pose, timings })
     }
 
+    /// The 24 joint positions of a pose on the configured skeleton (empty if it does not have
+    /// 24 rotations).
+    pub fn joints(&self, smpl: &SmplPose) -> Vec<Vec3> {
+        match as_joint_rotations(&smpl.rotmats) {
+            Some(local) => self
+                .options
+                .skeleton
+                .forward(&local, [0.0; 3])
+                .joints
+                .to_vec(),
+            None => Vec::new(),
+        }
+    }
+
     /// Run the pose head on a hidden state.
     pub fn head_pose(&self, hidden: Vec<f32>, confidence: f32) -> Result<Pose, PoseGptError> {
         Ok(self.head_pose_timed(hidden, confidence)?.0)
@@ -452,15 +466,7 @@ impl PoseGpt {
         let raw = self.bundle.head.run(&hidden)?;
         let network_ms = ms(t.elapsed());
         let smpl = SmplPose::from_rot6d(&raw);
-        let joints = match as_joint_rotations(&smpl.rotmats) {
-            Some(local) => self
-                .options
-                .skeleton
-                .forward(&local, [0.0; 3])
-                .joints
-                .to_vec(),
-            None => Vec::new(),
-        };
+        let joints = self.joints(&smpl);
         let pose = Pose {
             smpl,
             joints,

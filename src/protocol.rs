@@ -384,6 +384,8 @@ pub struct PoseMessage<'a> {
     pub latency_ms: f64,
     /// One entry per person (PoseGPT reads one person per frame).
     pub persons: &'a [Pose],
+    /// The rotations (and joints) went through the One Euro filter (`pose.smoothing`).
+    pub smoothed: bool,
     pub timings: &'a Timings,
 }
 

@@ -46,7 +46,8 @@ async fn hostile_requests_are_refused_at_once_and_the_pose_stream_goes_on() {
              [source]\nkind = \"dir\"\npath = \"{}\"\nfps = 20.0\n\
              [pose]\nmax_rate_hz = 10.0\n\
              [requests]\nqueue = 2\nmax_text_bytes = 4096\n\
-             [mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\nstats_interval_s = 1.0\n",
+             [mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\nstats_interval_s = 1.0\n\
+             [web]\nlisten = \"\"\n",
             root().join("models/test-tiny").display(),
             root().join("models/samples").display(),
         ),

@@ -97,6 +97,8 @@ path = "{root}/models/samples"
 fps = 20.0
 [mqtt]
 embedded_port = {port}
+[web]
+listen = ""
 "#,
             root = root().display()
         ),

@@ -3,8 +3,10 @@
 //! silently falls back to a default; values are checked at start with errors that name the key
 //! and say what is allowed.
 
+mod services;
 mod watch;
 
+pub use services::{HomeAssistantConfig, WebConfig};
 pub use watch::{WatchKind, WatchRule, MAX_WATCH_ID};
 
 use serde::Deserialize;
@@ -32,28 +34,7 @@ pub struct Config {
     /// Standing questions about the live scene (`[[watch]]` entries; none by default).
     pub watch: Vec<WatchRule>,
     pub homeassistant: HomeAssistantConfig,
-}
-
-/// Home Assistant's MQTT discovery (docs/homeassistant.md).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct HomeAssistantConfig {
-    /// Publish discovery and take questions from Home Assistant's text entity.
-    pub enabled: bool,
-    /// Home Assistant's discovery prefix (its MQTT integration's setting).
-    pub prefix: String,
-    /// The device's name in Home Assistant; empty = "PoseGPT <device.id>".
-    pub device_name: String,
-}
-
-impl Default for HomeAssistantConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            prefix: "homeassistant".into(),
-            device_name: String::new(),
-        }
-    }
+    pub web: WebConfig,
 }
 
 /// Limits on every image from outside (inline in asks, image files and folders), checked from
@@ -206,6 +187,22 @@ pub struct PoseStreamConfig {
     pub max_rate_hz: f32,
     /// MQTT QoS of pose messages (0 or 1).
     pub qos: u8,
+    /// One Euro filter on the published poses' joint rotations (off by default).
+    pub smoothing: bool,
+    pub smoothing_min_cutoff_hz: f64,
+    pub smoothing_beta: f64,
+    pub smoothing_d_cutoff_hz: f64,
+}
+
+impl PoseStreamConfig {
+    /// The One Euro filter's parameters (used when `smoothing` is on, and by the live view).
+    pub fn one_euro(&self) -> crate::smpl::smoothing::OneEuro {
+        crate::smpl::smoothing::OneEuro {
+            min_cutoff_hz: self.smoothing_min_cutoff_hz,
+            beta: self.smoothing_beta,
+            d_cutoff_hz: self.smoothing_d_cutoff_hz,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -365,9 +362,14 @@ impl Default for SourceConfig {
 
 impl Default for PoseStreamConfig {
     fn default() -> Self {
+        let filter = crate::smpl::smoothing::OneEuro::default();
         Self {
             max_rate_hz: 5.0,
             qos: 0,
+            smoothing: false,
+            smoothing_min_cutoff_hz: filter.min_cutoff_hz,
+            smoothing_beta: filter.beta,
+            smoothing_d_cutoff_hz: filter.d_cutoff_hz,
         }
     }
 }
@@ -458,12 +460,11 @@ impl Config {
         if let Err((key, problem)) = watch::validate(&self.watch, self.requests.max_text_bytes) {
             return bad(&key, problem);
         }
-        let prefix = &self.homeassistant.prefix;
-        if prefix.trim_matches('/').is_empty() || prefix.contains(['+', '#']) {
-            return bad(
-                "homeassistant.prefix",
-                format!("= {prefix:?}: must be a topic without wildcards, e.g. \"homeassistant\""),
-            );
+        if let Err((key, problem)) = self.homeassistant.validate() {
+            return bad(key, problem);
+        }
+        if let Err((key, problem)) = self.web.validate() {
+            return bad(key, problem);
         }
         let id = &self.device.id;
         if id.is_empty() || id.contains(['/', '+', '#']) || id.chars().any(char::is_whitespace) {
@@ -492,6 +493,24 @@ impl Config {
                 "pose.max_rate_hz",
                 format!("= {}: must be in (0, 240]", self.pose.max_rate_hz),
             );
+        }
+        for (key, v, min) in [
+            (
+                "pose.smoothing_min_cutoff_hz",
+                self.pose.smoothing_min_cutoff_hz,
+                f64::MIN_POSITIVE,
+            ),
+            ("pose.smoothing_beta", self.pose.smoothing_beta, 0.0),
+            (
+                "pose.smoothing_d_cutoff_hz",
+                self.pose.smoothing_d_cutoff_hz,
+                f64::MIN_POSITIVE,
+            ),
+        ] {
+            if !(v.is_finite() && v >= min && v <= 1000.0) {
+                let range = if min > 0.0 { "> 0" } else { ">= 0" };
+                return bad(key, format!("= {v}: must be {range} and at most 1000"));
+            }
         }
         if self.pose.qos > 1 {
             return bad("pose.qos", format!("= {}: must be 0 or 1", self.pose.qos));

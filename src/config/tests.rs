@@ -106,6 +106,9 @@ fn shipped_default_file_documents_exactly_the_code_defaults() {
         "keep_alive_s =",
         "outbox =",
         "stats_interval_s =",
+        "listen =",
+        "token =",
+        "show_frames =",
     ] {
         assert!(text.contains(key), "default.toml does not document {key}");
     }
@@ -141,6 +144,8 @@ fn errors_name_the_key() {
     assert!(e.contains("fps"), "{e}");
     let e = err("[source]\nkind = \"webcam\"\n");
     assert!(e.contains("webcam"), "{e}");
+    let e = err("[pose]\nsmoothing_beta = -1\n");
+    assert!(e.contains("pose.smoothing_beta"), "{e}");
     let e = err("[pose]\nqos = 2\n");
     assert!(e.contains("pose.qos"), "{e}");
     let e = err("[device]\nid = \"a/b\"\n");
@@ -291,4 +296,25 @@ fn the_watch_examples_in_default_toml_are_valid() {
     assert_eq!(c.watch[0].kind, WatchKind::YesNo);
     assert_eq!(c.watch[0].hold_s(), 10.0);
     assert_eq!(c.watch[1].kind, WatchKind::Text);
+}
+
+#[test]
+fn the_page_needs_a_token_off_loopback() {
+    let c = Config::parse("", Path::new("t.toml")).unwrap();
+    assert_eq!(c.web.address(), Some("127.0.0.1:8080".parse().unwrap()));
+    assert!(!c.web.show_frames);
+    let e = err("[web]\nlisten = \"0.0.0.0:8080\"\n");
+    assert!(e.contains("web.token") && e.contains("0.0.0.0:8080"), "{e}");
+    let e = err("[web]\nlisten = \"0.0.0.0:8080\"\ntoken = \"short\"\n");
+    assert!(e.contains("web.token") && e.contains("16"), "{e}");
+    let e = err("[web]\nlisten = \"localhost:8080\"\n");
+    assert!(
+        e.contains("web.listen") && e.contains("localhost:8080"),
+        "{e}"
+    );
+    let ok = "[web]\nlisten = \"0.0.0.0:8080\"\ntoken = \"0123456789abcdef\"\n";
+    let c = Config::parse(ok, Path::new("t.toml")).unwrap();
+    assert_eq!(c.web.address().map(|a| a.port()), Some(8080));
+    let off = Config::parse("[web]\nlisten = \"\"\n", Path::new("t.toml")).unwrap();
+    assert_eq!(off.web.address(), None);
 }

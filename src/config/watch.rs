@@ -1,13 +1,13 @@
 //! `[[watch]]`: standing questions about the live scene, evaluated every few seconds, their
 //! answers published as retained state and, for yes/no questions, events when the state flips.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Longest watch id: it goes into topics and Home Assistant's unique ids.
 pub const MAX_WATCH_ID: usize = 64;
 
 /// What a watch rule's answer is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WatchKind {
     /// P(yes) against `threshold`, held `hold_s` before the state flips.

@@ -6,28 +6,30 @@
 //! Who hands what to whom:
 //!
 //! ```text
-//! broker ─asks─► poller ─► intake ─jobs─► inference thread ─replies─► publisher ─► broker
-//!                             └─────────────refusals───────────────────►  ▲  ▲
-//! capture thread ─frames─► inference thread ─poses, watch states/events───┘  │
-//! stats task ─stats──────────────────────────────────────────────────────────┘
+//! broker ─asks─► poller ─► intake ─jobs─► inference thread ─replies─► outlet ─► broker
+//! live view ─asks──────────┘  └─────────────refusals─────────────────►  ▲  ▲  └─► live view
+//! capture thread ─frames─► inference thread ─poses, watch states/events─┘  │
+//! stats task ─stats────────────────────────────────────────────────────────┘
 //! ```
 //!
 //! and what each hand-over does when full (written again where it is made):
 //! * asks: the broker hands over at most `ASKS_IN_FLIGHT` unacknowledged ones (MQTT 5 receive
 //!   maximum) and the intake acknowledges an ask once it is queued or refused: a flood waits in
-//!   the broker;
+//!   the broker; a page's ask finding the channel full is answered `busy`;
 //! * jobs (`requests.queue`): the request is answered `busy` at once;
 //! * frames: the newest wins, replaced frames are counted;
 //! * replies: the inference thread and the intake wait — no reply is dropped;
 //! * poses: the oldest is dropped and counted;
 //! * watch states and events: the inference thread waits;
-//! * stats: latest only.
+//! * stats: latest only;
+//! * the live view's feed: a page that falls behind skips the oldest messages.
 //!
 //! One shutdown signal, a [`CancellationToken`], is watched by every task and thread. Under
 //! systemd (`service`): status lines while starting, READY=1 once the model is loaded and the
 //! broker accepted the connection, a watchdog fed while the inference thread makes progress.
 
 mod intake;
+mod publish;
 mod queues;
 mod stats;
 mod watches;
@@ -38,14 +40,16 @@ use crate::frame::{open_source, Capture, LatestFrame};
 use crate::llm::{ModelParams, Sampling, SessionParams};
 use crate::mqtt::{self, MqttCounters, Publisher, Topics};
 use crate::posegpt::{PoseGpt, RuntimeOptions};
-use crate::protocol::{Limits, PoseMessage, MAX_ID_BYTES};
+use crate::protocol::{Limits, MAX_ID_BYTES};
 use crate::service;
 use crate::vision::Preprocessor;
+use crate::web;
 use anyhow::{Context, Result};
-use queues::{PoseDone, PoseQueue, Replies};
+use publish::Outlet;
+use queues::{PoseQueue, Replies};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -85,7 +89,7 @@ pub struct Running {
     shutdown: CancellationToken,
     /// Set at the shutdown deadline: stops the model's running decode.
     abort: Arc<AtomicBool>,
-    publisher: Publisher,
+    outlet: Outlet,
     counters: Arc<MqttCounters>,
     connections: watch::Receiver<u64>,
     replies: mpsc::Receiver<queues::Outgoing>,
@@ -98,7 +102,8 @@ pub struct Running {
     poller_stop: CancellationToken,
     worker: std::thread::JoinHandle<()>,
     capture: Capture,
-    topics: Topics,
+    /// The live view's server, when it is on.
+    web: Option<JoinHandle<()>>,
 }
 
 /// Load the model, warm it up, open the frame source and the broker, start every thread and
@@ -122,7 +127,27 @@ pub fn start(config: &Config) -> Result<Running> {
     // rumqttc's own request channel: the publisher waits when it is full.
     let (client, eventloop) = rumqttc::v5::AsyncClient::new(options, 64);
     // Asks: acknowledged by the intake once taken; when full, the poller answers `busy` at once.
+    // The live view's asks use the same channel: when it is full the page is answered `busy`.
     let (ask_tx, ask_rx) = mpsc::channel(ASK_CHANNEL);
+    let view = config
+        .web
+        .address()
+        .map(|_| web::ViewHub::new(view_hello(config, &pg), config.web.show_frames));
+    let web = match (&view, config.web.address()) {
+        (Some(hub), Some(address)) => {
+            let options = web::WebOptions {
+                address,
+                token: config.web.token.clone(),
+                max_body: config.requests.max_image_bytes / 3 * 4
+                    + config.requests.max_text_bytes
+                    + 4096,
+            };
+            let (local, task) = web::serve(options, hub.clone(), ask_tx.clone(), shutdown.clone())?;
+            log::info!("live view on http://{local}/");
+            Some(task)
+        }
+        _ => None,
+    };
     // Connections: latest only (a count of ConnAcks).
     let (conn_tx, connections) = watch::channel(0u64);
     let poller_stop = CancellationToken::new();
@@ -182,6 +207,11 @@ pub fn start(config: &Config) -> Result<Running> {
         live_max_age: Duration::from_millis(config.requests.live_max_age_ms),
         watches: watches::Watches::new(&config.watch, std::time::Instant::now()),
         watch_out: watch_tx,
+        smoother: (config.pose.smoothing || view.is_some())
+            .then(|| crate::smpl::smoothing::PoseSmoother::new(config.pose.one_euro())),
+        publish_smoothed: config.pose.smoothing,
+        view: view.is_some(),
+        show_frames: config.web.show_frames,
     }
     .spawn(pg)
     .context("cannot start the inference thread")?;
@@ -224,7 +254,11 @@ pub fn start(config: &Config) -> Result<Running> {
     Ok(Running {
         shutdown,
         abort,
-        publisher,
+        outlet: Outlet {
+            publisher,
+            topics,
+            view,
+        },
         counters,
         connections,
         replies: replies_rx,
@@ -236,7 +270,7 @@ pub fn start(config: &Config) -> Result<Running> {
         poller_stop,
         worker,
         capture,
-        topics,
+        web,
     })
 }
 
@@ -251,6 +285,29 @@ fn home_assistant(config: &Config, topics: &Topics, pg: &PoseGpt) -> mqtt::HomeA
         gpu_load: health.gpu_load_percent.is_some(),
     };
     mqtt::HomeAssistant::new(&config.homeassistant.prefix, topics, &facts, &config.watch)
+}
+
+/// What a live view page needs before the first pose: the device, the skeleton, the rules.
+fn view_hello(config: &Config, pg: &PoseGpt) -> serde_json::Value {
+    let parents: Vec<i64> = crate::smpl::PARENTS
+        .iter()
+        .map(|p| p.map_or(-1, |p| p as i64))
+        .collect();
+    let watches: Vec<_> = config
+        .watch
+        .iter()
+        .map(|w| serde_json::json!({"id": w.id, "question": w.question, "kind": w.kind}))
+        .collect();
+    serde_json::json!({
+        "device": config.device.id,
+        "model": pg.bundle().manifest.name,
+        "parents": parents,
+        "joint_names": crate::smpl::JOINT_NAMES,
+        "watches": watches,
+        "show_frames": config.web.show_frames,
+        "smoothing": config.pose.smoothing,
+        "max_rate_hz": config.pose.max_rate_hz,
+    })
 }
 
 fn load_model(config: &Config) -> Result<PoseGpt> {
@@ -375,7 +432,7 @@ impl Running {
         } = signals;
         let running = format!(
             "running: device {}, topics under {}/",
-            config.device.id, self.topics.base
+            config.device.id, self.outlet.topics.base
         );
         log::info!("{running}");
         let mut ready_sent = false;
@@ -384,23 +441,23 @@ impl Running {
                 _ = sigint.recv() => { log::info!("SIGINT: shutting down"); break; }
                 _ = sigterm.recv() => { log::info!("SIGTERM: shutting down"); break; }
                 Ok(()) = self.connections.changed() => {
-                    self.publisher.on_connected().await;
+                    self.outlet.publisher.on_connected().await;
                     if !ready_sent {
                         // The model is loaded and the broker accepted us: ready for systemd.
                         service::ready(&running);
                         ready_sent = true;
                     }
                 }
-                Some(out) = self.replies.recv() => publish_reply(&mut self.publisher, out).await,
-                _ = self.poses.wait() => publish_poses(&mut self.publisher, &self.poses).await,
-                Some(out) = self.watch_out.recv() => {
-                    publish_watch(&mut self.publisher, &self.topics, out).await
+                Some(out) = self.replies.recv() => self.outlet.reply(out).await,
+                _ = self.poses.wait() => self.outlet.poses(&self.poses).await,
+                Some(out) = self.watch_out.recv() => self.outlet.watch(out).await,
+                Some(event) = self.ha_events.recv() => {
+                    self.outlet.publisher.home_assistant_event(event).await
                 }
-                Some(event) = self.ha_events.recv() => self.publisher.home_assistant_event(event).await,
                 Ok(()) = self.stats.changed() => {
                     let latest = self.stats.borrow_and_update().clone();
                     if let Some(p) = latest {
-                        self.publisher.publish_stats(p).await;
+                        self.outlet.stats(p).await;
                     }
                 }
             }
@@ -429,11 +486,9 @@ impl Running {
         tokio::pin!(grace);
         loop {
             tokio::select! {
-                Some(out) = self.replies.recv() => publish_reply(&mut self.publisher, out).await,
-                _ = self.poses.wait() => publish_poses(&mut self.publisher, &self.poses).await,
-                Some(out) = self.watch_out.recv() => {
-                    publish_watch(&mut self.publisher, &self.topics, out).await
-                }
+                Some(out) = self.replies.recv() => self.outlet.reply(out).await,
+                _ = self.poses.wait() => self.outlet.poses(&self.poses).await,
+                Some(out) = self.watch_out.recv() => self.outlet.watch(out).await,
                 _ = &mut worker_done => break,
                 _ = &mut grace => {
                     log::error!("the inference thread did not stop in time; exiting without it");
@@ -442,13 +497,22 @@ impl Running {
             }
         }
         while let Ok(out) = self.replies.try_recv() {
-            publish_reply(&mut self.publisher, out).await;
+            self.outlet.reply(out).await;
         }
         while let Ok(out) = self.watch_out.try_recv() {
-            publish_watch(&mut self.publisher, &self.topics, out).await;
+            self.outlet.watch(out).await;
         }
         aborter.abort();
-        let close = self.publisher.close(Duration::from_millis(900));
+        // The server stopped taking requests with the shutdown signal; its open feeds ended.
+        if let Some(web) = self.web.take() {
+            if tokio::time::timeout(Duration::from_millis(300), web)
+                .await
+                .is_err()
+            {
+                log::warn!("the live view's server did not stop within 300 ms");
+            }
+        }
+        let close = self.outlet.publisher.close(Duration::from_millis(900));
         if tokio::time::timeout(Duration::from_millis(1000), close)
             .await
             .is_err()
@@ -467,77 +531,4 @@ impl Running {
         }
         log::info!("stopped");
     }
-}
-
-async fn publish_reply(publisher: &mut Publisher, out: queues::Outgoing) {
-    if out.reply_to.home_assistant {
-        // The last answer is the sensor's state: retained, the latest kept while offline.
-        let topic = out.reply_to.response_topic.clone().unwrap_or_default();
-        return match out.body.encode_for_home_assistant() {
-            Ok(payload) => publisher.publish_retained(topic, payload).await,
-            Err(e) => log::error!("cannot encode a reply: {e}"),
-        };
-    }
-    match out.body.encode() {
-        Ok(payload) => {
-            publisher
-                .send_reply(out.reply_to, payload, out.accepted)
-                .await
-        }
-        Err(e) => log::error!("cannot encode a reply: {e}"),
-    }
-}
-
-async fn publish_watch(publisher: &mut Publisher, topics: &Topics, out: watches::WatchOut) {
-    use watches::WatchOut;
-    let encoded = match &out {
-        WatchOut::State { state, .. } => serde_json::to_vec(state),
-        WatchOut::Event(e) => serde_json::to_vec(e),
-    };
-    let payload = match encoded {
-        Ok(p) => p,
-        Err(e) => return log::error!("cannot encode a watch message: {e}"),
-    };
-    match out {
-        WatchOut::State { watch, .. } => {
-            publisher
-                .publish_retained(topics.watch(&watch), payload)
-                .await
-        }
-        // Events go like replies: kept in the outbox while the broker is unreachable.
-        WatchOut::Event(_) => {
-            let to = mqtt::ReplyTo {
-                response_topic: Some(topics.events.clone()),
-                ..mqtt::ReplyTo::default()
-            };
-            publisher.send_reply(to, payload, true).await
-        }
-    }
-}
-
-async fn publish_poses(publisher: &mut Publisher, poses: &PoseQueue) {
-    for done in poses.take_all() {
-        match encode_pose(&done) {
-            Ok(p) => publisher.publish_pose(p).await,
-            Err(e) => log::error!("cannot encode pose message {}: {e}", done.seq),
-        }
-    }
-}
-
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-fn encode_pose(done: &PoseDone) -> Result<Vec<u8>, serde_json::Error> {
-    let msg = PoseMessage {
-        seq: done.seq,
-        frame_seq: done.frame_seq,
-        captured_at_ms: unix_ms(done.captured_at),
-        published_at_ms: unix_ms(SystemTime::now()),
-        latency_ms: done.latency_ms,
-        persons: std::slice::from_ref(&done.pose.pose),
-        timings: &done.pose.timings,
-    };
-    serde_json::to_vec(&msg)
 }

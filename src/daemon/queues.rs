@@ -3,10 +3,10 @@
 
 use crate::mqtt::ReplyTo;
 use crate::posegpt::{FramePose, Reply, YesNo};
-use crate::protocol::{Answer, ErrorReply, FrameRef};
+use crate::protocol::{Answer, ErrorCode, ErrorReply, FrameRef};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 use tokio::sync::{mpsc, Notify};
 
@@ -17,6 +17,18 @@ pub struct PoseDone {
     pub captured_at: SystemTime,
     pub latency_ms: f64,
     pub pose: FramePose,
+    /// Whether `pose` went through the One Euro filter.
+    pub smoothed: bool,
+    /// For the live view (when it is on).
+    pub view: Option<ViewJoints>,
+    /// The frame, for the live view when `web.show_frames` allows it.
+    pub rgb: Option<Arc<image::RgbImage>>,
+}
+
+/// The live view's skeletons: before the One Euro filter and after it.
+pub struct ViewJoints {
+    pub raw: Vec<crate::smpl::Vec3>,
+    pub smoothed: Option<Vec<crate::smpl::Vec3>>,
 }
 
 /// Poses to the publisher. When full, the oldest pose is dropped and counted: a late pose is
@@ -92,6 +104,14 @@ impl ReplyBody {
                 serde_json::to_vec(&Answer::yes_no(id, answer, *frame))
             }
             ReplyBody::Error(e) => serde_json::to_vec(e),
+        }
+    }
+
+    /// The error's code, for a refusal or a failure.
+    pub fn error_code(&self) -> Option<ErrorCode> {
+        match self {
+            ReplyBody::Error(e) => Some(e.error.code),
+            _ => None,
         }
     }
 }
@@ -195,6 +215,9 @@ mod tests {
             frame_seq: seq,
             captured_at: SystemTime::now(),
             latency_ms: 0.0,
+            smoothed: false,
+            view: None,
+            rgb: None,
             pose: FramePose {
                 pose,
                 timings: Timings::default(),

@@ -179,9 +179,10 @@ pub async fn run(
             ..stats
         };
         log::info!(
-            "stats: {:.1} poses/s, latency p50 {:.0} ms p99 {:.0} ms, frames {} captured {} dropped, asks {} answered {} refused",
+            "stats: {:.1} poses/s, latency p50 {:.0} ms p99 {:.0} ms, frames {} captured {} dropped, asks {} answered {} refused, {} watch evaluations",
             stats.pose_fps, stats.latency_ms_p50, stats.latency_ms_p99,
-            stats.frames_captured, stats.frames_dropped, stats.asks_answered, stats.asks_rejected
+            stats.frames_captured, stats.frames_dropped, stats.asks_answered, stats.asks_rejected,
+            stats.watch_evaluations
         );
         last_poses = count;
         last_at = now;

@@ -11,15 +11,17 @@
 //! `shutting_down`, and the one in hand runs on until the daemon sets the model's abort flag
 //! (at `device.shutdown_timeout_s`), which stops its decode and answers it `shutting_down`.
 
-use super::queues::{PoseDone, PoseQueue, Replies, ReplyBody};
+use super::queues::{PoseDone, PoseQueue, Replies, ReplyBody, ViewJoints};
 use super::stats::Metrics;
 use super::watches::{WatchOut, Watches};
 use crate::config::{WatchKind, WatchRule};
 use crate::frame::{Frame, LatestFrame, Prepared};
 use crate::mqtt::ReplyTo;
+use crate::pose_head::SmplPose;
 use crate::posegpt::{AskImage, LiveImage, PoseGpt, PoseGptError};
 use crate::protocol::{excerpt, AnswerKind, ErrorCode, ErrorReply, FrameRef, EXCERPT_BYTES};
 use crate::service::Heartbeat;
+use crate::smpl::smoothing::PoseSmoother;
 use std::borrow::Cow;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
@@ -63,6 +65,15 @@ pub struct Worker {
     /// Watch states and events to the publisher. When full the inference thread waits: an
     /// event is never dropped (they come every `every_s` at most, far slower than it drains).
     pub watch_out: tokio::sync::mpsc::Sender<WatchOut>,
+    /// The One Euro filter: on published poses when `pose.smoothing` is on, and for the live
+    /// view's smoothed skeleton.
+    pub smoother: Option<PoseSmoother>,
+    /// Publish the smoothed pose (`pose.smoothing`).
+    pub publish_smoothed: bool,
+    /// The live view is on: poses carry their raw and smoothed joints, and their frame when
+    /// `web.show_frames` allows it.
+    pub view: bool,
+    pub show_frames: bool,
 }
 
 /// Why a question about the live scene has no image.
@@ -82,6 +93,8 @@ impl Worker {
         let mut next_pose_at = Instant::now();
         let mut last_pose_at = Instant::now();
         let mut last_frame: Option<Frame> = None;
+        // The smoother's clock: seconds since this thread started, at each frame's capture.
+        let started = Instant::now();
         let mut seq = 0u64;
         while !self.shutdown.is_cancelled() {
             self.heartbeat.beat();
@@ -123,7 +136,28 @@ impl Worker {
             let (pixels, preprocess_ms) = pixels_of(&pg, &frame);
             let result = pg.pose_frame(&pixels, preprocess_ms, frame.seq, frame.captured_instant);
             match result {
-                Ok(pose) => {
+                Ok(mut pose) => {
+                    let smooth = self.smoother.as_mut().map(|s| {
+                        let t = frame.captured_instant.elapsed();
+                        let t = (started.elapsed().saturating_sub(t)).as_secs_f64();
+                        SmplPose::from_rotmats(s.smooth(&pose.pose.smpl.rotmats, t))
+                    });
+                    let smooth = smooth.map(|smpl| {
+                        let joints = pg.joints(&smpl);
+                        (smpl, joints)
+                    });
+                    let view = self.view.then(|| ViewJoints {
+                        raw: pose.pose.joints.clone(),
+                        smoothed: smooth.as_ref().map(|(_, j)| j.clone()),
+                    });
+                    let smoothed = match smooth {
+                        Some((smpl, joints)) if self.publish_smoothed => {
+                            pose.pose.smpl = smpl;
+                            pose.pose.joints = joints;
+                            true
+                        }
+                        _ => false,
+                    };
                     let latency_ms = frame.captured_instant.elapsed().as_secs_f64() * 1e3;
                     self.metrics.set_confidence(pose.pose.confidence);
                     // Encoded on the MQTT side: the next frame's inference starts now.
@@ -133,6 +167,9 @@ impl Worker {
                         captured_at: frame.captured_at,
                         latency_ms,
                         pose,
+                        smoothed,
+                        view,
+                        rgb: self.show_frames.then(|| frame.rgb.clone()),
                     });
                     seq += 1;
                     self.metrics.poses.fetch_add(1, Ordering::Relaxed);
@@ -281,6 +318,9 @@ impl Worker {
         };
         self.metrics.record_watch(t.elapsed());
         for o in out {
+            if let WatchOut::Event(e) = &o {
+                log::info!("watch {:?}: {} (p_yes {:.3})", e.watch, e.kind, e.p_yes);
+            }
             if self.watch_out.blocking_send(o).is_err() {
                 return; // the publisher is gone: the daemon is stopping
             }

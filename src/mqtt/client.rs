@@ -91,6 +91,7 @@ pub async fn poll_loop(
                         response_topic: props.response_topic,
                         correlation: props.correlation_data.map(|b| b.to_vec()),
                         home_assistant: from_ha,
+                        web: None,
                     },
                     ack: Ack::new(client.clone(), p),
                 };
@@ -238,7 +239,7 @@ fn home_assistant(
 /// (try_publish never blocks the poll); if even that cannot be queued, counted.
 fn refuse_busy(client: &AsyncClient, topics: &Topics, ask: IncomingAsk, counters: &MqttCounters) {
     counters.asks_refused_busy.fetch_add(1, Ordering::Relaxed);
-    let _ = ask.ack.client.try_ack(&ask.ack.publish);
+    ask.ack.try_send();
     let reply = ErrorReply::new(
         peek_id(&ask.payload),
         ErrorCode::Busy,

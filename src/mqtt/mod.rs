@@ -79,6 +79,9 @@ pub struct ReplyTo {
     /// A question from Home Assistant's text entity: the answer goes to its sensor, retained,
     /// as `{value, text, id, at_ms}` (`response_topic` is that sensor's topic).
     pub home_assistant: bool,
+    /// A question from the live view: the answer goes back to the page's request with this
+    /// key (see `crate::web`).
+    pub web: Option<u64>,
 }
 
 /// An incoming ask, raw, with where to answer it and how to acknowledge it.
@@ -91,12 +94,14 @@ pub struct IncomingAsk {
 
 /// The acknowledgement of an incoming QoS 1 message, sent when the daemon has taken it: until
 /// then the broker counts it against the receive maximum and redelivers it after a
-/// reconnection.
+/// reconnection. Asks from the live view have none.
 #[derive(Debug)]
-pub struct Ack {
-    client: rumqttc::v5::AsyncClient,
-    publish: rumqttc::v5::mqttbytes::v5::Publish,
-}
+pub struct Ack(
+    Option<(
+        rumqttc::v5::AsyncClient,
+        rumqttc::v5::mqttbytes::v5::Publish,
+    )>,
+);
 
 impl Ack {
     pub(crate) fn new(
@@ -104,14 +109,28 @@ impl Ack {
         mut publish: rumqttc::v5::mqttbytes::v5::Publish,
     ) -> Self {
         publish.payload = Default::default();
-        Self { client, publish }
+        Self(Some((client, publish)))
+    }
+
+    /// Nothing to acknowledge: the ask did not come through the broker.
+    pub fn none() -> Self {
+        Self(None)
+    }
+
+    /// Acknowledge it without waiting (from the poll itself, which must never block).
+    pub(crate) fn try_send(self) {
+        if let Some((client, publish)) = self.0 {
+            let _ = client.try_ack(&publish);
+        }
     }
 
     /// Acknowledge it (waits only for room in the client's request channel, which the poller
     /// keeps draining).
     pub async fn send(self) {
-        if let Err(e) = self.client.ack(&self.publish).await {
-            log::debug!("acknowledging an ask failed: {e}");
+        if let Some((client, publish)) = self.0 {
+            if let Err(e) = client.ack(&publish).await {
+                log::debug!("acknowledging an ask failed: {e}");
+            }
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod model;
 pub mod rotation;
 pub mod skeleton;
+pub mod smoothing;
 pub mod synthetic;
 
 pub use model::{SmplModel, SmplModelError};

@@ -114,7 +114,8 @@ impl Daemon {
              [source]\nkind = \"dir\"\npath = \"{}\"\nfps = 20.0\n\
              [pose]\nmax_rate_hz = 10.0\n\
              [requests]\nqueue = 2\nmax_text_bytes = 200\nmax_image_bytes = 100000\n\
-             [mqtt]\nstats_interval_s = 1.0\n",
+             [mqtt]\nstats_interval_s = 1.0\n\
+             [web]\nlisten = \"\"\n",
             root().join("models/test-tiny").display(),
             root().join("models/samples").display(),
         );
