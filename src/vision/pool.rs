@@ -5,8 +5,7 @@ use tract_onnx::tract_core::internal::*;
 
 /// Activations that were their last reader's alone, kept for the next output of their size
 /// that an operator of ours writes whole: tract makes each new tensor zeroed (the only way safe
-/// code gets one), a pass over memory that the kernel then writes again (ViT-B: 1.3 % of the
-/// run's CPU time in `memset`, on the calling thread while the other waited). The products and
+/// code gets one), a pass over memory that the kernel then writes again. The products and
 /// attention give back their inputs and a residual sum its other term; in a ViT-B layer that
 /// leaves two of ten outputs made new (two of the query, key and value products).
 static SPARES: std::sync::Mutex<Vec<Tensor>> = std::sync::Mutex::new(Vec::new());

@@ -13,8 +13,7 @@ const POOL_MIN_FMA: u64 = 100_000_000;
 /// Every parallel operator hands its work to that pool. Called from outside the pool, each
 /// hand-off queues the work, wakes a pool thread and puts this thread to sleep until it is done
 /// (about 160 hand-offs per ViT-B/16 run). Called from a pool thread, an operator runs its share
-/// at once on that thread and wakes only the other workers: a ViT-B/16 run at two threads took
-/// 2 % less time this way (docs/performance.md).
+/// at once on that thread and wakes only the other workers.
 fn on_tract_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     match tract_linalg::multithread::current_tract_executor() {
         tract_linalg::multithread::Executor::MultiThread(pool) => pool.install(f),

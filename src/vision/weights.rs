@@ -8,16 +8,13 @@ pub const PANEL: usize = 8;
 pub(crate) const LANES: usize = 3;
 /// Output features per weight block (the kernel's columns).
 pub const BLOCK: usize = LANES * 16;
-/// Depth of one pass. Deeper passes measured faster in whole-tower runs (each pass reads and
-/// writes the output again): ViT-L/14 against onnxruntime at two threads 1.25 at 384, 1.06 at
-/// 512, 1.00 at 1024 (no pass split for its 1024-deep layers).
+/// Depth of one pass: each pass reads and writes the output again, so deeper is better while
+/// a block's rows stay in L2.
 pub(crate) const DEPTH: usize = 1024;
 
 /// How many depth steps ahead the kernel asks for a block's weights into L1: the block's rows
 /// come from L2 (one block of a pass is 196 KB), and the core's own prefetcher runs only a
-/// step or two ahead of a loop that needs three fresh cache lines every step. 16–24 measured
-/// alike, 0 (none) about 7 % slower over the tower's product shapes on one thread, and ViT-B/16
-/// at two threads went from 1.16 to 1.07 × onnxruntime's time (docs/performance.md).
+/// step or two ahead of a loop that needs three fresh cache lines every step.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const PREFETCH: usize = 20;
 
@@ -26,17 +23,14 @@ pub(crate) const PREFETCH: usize = 20;
 /// panel of 8 tokens, and the panels for every block: ViT-L's share of tokens per thread is
 /// 292 × 1024 floats (1.2 MB), which left little of the 2 MB L2 for the block's weights and the
 /// next block's; in chunks of at most 512 KB (three of 13 panels there) the chunk stays in L2
-/// while the unit's blocks (2–6 of 196 KB) are read again from it for each chunk. ViT-L at two
-/// threads, four sets of paired runs (23 runs × 4 pairs): median 1.010 against 1.050, 16 of 23
-/// runs faster. Chunks of 1 MB (two of 19 panels): 1.035 against 1.036. ViT-B's shares (99
-/// tokens) fit in one chunk.
+/// while the unit's blocks (2–6 of 196 KB) are read again from it for each chunk. ViT-B's
+/// shares (99 tokens) fit in one chunk.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const CHUNK_BYTES: usize = 512 << 10;
 
 /// The most bytes of a unit's weights (at one pass's depths) that are read again for each
 /// chunk: more would not stay in L2 beside the chunk. A product on one thread is one unit of
-/// all its blocks (ViT-B's 768 × 3072: 2.4 MB per pass); chunking it re-read them all from
-/// memory, and ViT-B at one thread went from 0.969 to 1.117 (6 × 6).
+/// all its blocks (ViT-B's 768 × 3072: 2.4 MB per pass), which is not chunked.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const CHUNK_WEIGHT_BYTES: usize = 1280 << 10;
 

@@ -43,6 +43,33 @@ pub(crate) fn tail<const R: usize>(
     }
 }
 
+/// For tests of the AVX-512 kernel: whether this CPU runs it. Where it does not, the test's
+/// kernel part cannot run (its assertions about the fallback still do): [`say_skipped`].
+#[cfg(test)]
+pub(crate) fn kernel_or_skip(test: &str) -> bool {
+    let has = kernel::available().is_some();
+    if !has {
+        say_skipped(test, "AVX-512 on x86-64");
+    }
+    has
+}
+
+/// For tests with a part this CPU cannot run: says so on the test output, once per test, past
+/// the harness's capture so that a plain `cargo test` shows it.
+#[cfg(test)]
+pub(crate) fn say_skipped(test: &str, needs: &str) {
+    use std::io::Write;
+    static SAID: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
+    if !said.iter().any(|t| t == test) {
+        said.push(test.to_string());
+        let _ = writeln!(
+            std::io::stderr().lock(),
+            "test {test}: part of it SKIPPED (it needs {needs}; this CPU has not)"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,7 +78,7 @@ mod tests {
     #[test]
     fn softmax_numerators_and_their_sums_match_f64() {
         let mut inverse = vec![];
-        let Some(_) = kernel::available() else {
+        if !kernel_or_skip("softmax_numerators_and_their_sums_match_f64") {
             // Without AVX-512 there is nothing to run, and the callers take their other path.
             let mut scores = [1.0, 2.0];
             assert!(!softmax_numerators(&mut scores, 2, &mut inverse));

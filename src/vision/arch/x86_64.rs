@@ -14,8 +14,8 @@ pub fn available() -> Option<V4> {
     V4::try_new()
 }
 
-/// Whether the kernel beats tract's here: on a core with two 512-bit FMA ports. (On one
-/// with one, tract's kernels were measured level with onnxruntime's: they are kept.)
+/// Whether the kernel beats tract's here: on a core with two 512-bit FMA ports. (On a core
+/// with one, tract's kernels keep up with onnxruntime's: they are kept.)
 pub fn pays() -> bool {
     available().is_some() && tract_linalg::x86_64::fma_width::has_dual_avx512_fma()
 }
@@ -103,9 +103,9 @@ impl pulp::NullaryFnOnce for Passes<'_, '_> {
                     let first = b * BLOCK - origin;
                     let width = BLOCK.min(n - b * BLOCK);
                     // The next weights this thread reads, asked into L2 while these run: a
-                    // share per panel, one row of it every few depth steps (a burst at the
-                    // start of each panel measured ~10 % slower over the tower's shapes: it
-                    // fills the core's miss queue while the panel's own loads wait). The
+                    // share per panel, one row of it every few depth steps (not a burst at the
+                    // start of each panel: that fills the core's miss queue while the panel's
+                    // own loads wait). The
                     // unit's next block during the first chunk (later chunks find it in L2),
                     // the next pass's or unit's first block during the last.
                     let next: &[Row] = if b + 1 < blocks.end {

@@ -1,8 +1,8 @@
 //! The encoder's linear layers (activations × a constant weight matrix) with this project's own
 //! matrix-product kernel, on CPUs with AVX-512.
 //!
-//! On a core with two 512-bit FMA ports tract's f32 kernels run the tower's products at
-//! ≈ 100 GFLOP/s where onnxruntime's reach ≈ 150 (docs/performance.md). Here the weights are
+//! On a core with two 512-bit FMA ports tract's f32 kernels run the tower's products well
+//! below onnxruntime's (docs/performance.md, "Vision encoder: the figures behind the code"). Here the weights are
 //! packed once, at load, into blocks of [`BLOCK`] output features (each depth's row of a block
 //! on whole cache lines), and each block is multiplied by every group of [`PANEL`] tokens in
 //! turn while its weights are still in the core's cache: 8 × 48 outputs in 24 vector
@@ -199,10 +199,8 @@ pub fn product_into(
     // The tokens in one share per thread where there are enough of them (197 tokens: 12 panels
     // and a half each, where whole panels would give one thread 13) or only one block of
     // features to share, else in one: each share reads every weight (the second reader of a
-    // block mostly from the shared cache) and only its own tokens. Against splitting the
-    // features, which streams each weight once, ViT-B/16 at two threads measured 1.06 against
-    // 1.10 times onnxruntime's time (session 11), and 1.080 against 1.002 with the units below
-    // (docs/performance.md).
+    // block mostly from the shared cache) and only its own tokens: faster than splitting the
+    // features, which streams each weight once.
     let per = if panels >= 2 * threads || blocks < 2 {
         tokens.div_ceil(threads).next_multiple_of(PANEL / 2)
     } else {
@@ -211,16 +209,13 @@ pub fn product_into(
     let shares = tokens.div_ceil(per);
     // Each share's feature blocks in groups that the threads claim one at a time: a thread
     // starts on its own share and then helps with the others', so that a core running slower
-    // than the other does not leave it waiting at the end of every product. On this shared
-    // machine one core ran the kernel 35-45 % slower than the other for a whole process (a
-    // busy neighbour, presumably), and with one share per thread fixed in advance the faster
-    // one waited a third of the products' time; onnxruntime's products cut their work finer
-    // than the threads for the same reason.
+    // than the other does not leave it waiting at the end of every product (on a shared
+    // machine one core can run far slower than the other for a whole process); onnxruntime's
+    // products cut their work finer than the threads for the same reason.
     //
     // The groups shrink towards the end of each share (at most a quarter of the blocks left
     // each, [`TAIL`]), so that the last units claimed are short and the thread that runs out
-    // of work first waits less for the other: the threads' time inside products that neither
-    // spent in a unit went from 2.0-2.3 to 1.3 % on ViT-L at two threads.
+    // of work first waits less for the other.
     let ranges = groups(blocks, blocks.div_ceil(UNITS_PER_THREAD * threads / shares));
     let mut units: Vec<Vec<std::sync::Mutex<Option<Unit>>>> = Vec::with_capacity(shares);
     for (x, out) in x.chunks(per * k).zip(out.chunks_mut(per * width)) {
@@ -270,8 +265,7 @@ pub fn product_into(
 }
 
 /// Units of work per thread in a product (groups of feature blocks times shares of tokens, a
-/// group at least one block). ViT-B/16 at two threads, paired runs against onnxruntime: 4, 8,
-/// 16, 32, 64 units gave 1.01-1.08, 1.06-1.08, 1.01-1.02, 1.04, 1.04 (fixed shares: 1.07-1.11).
+/// group at least one block).
 const UNITS_PER_THREAD: usize = 16;
 
 /// A share's blocks left, over the most blocks in its next group: see [`product_into`].

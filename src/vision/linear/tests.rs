@@ -1,4 +1,5 @@
 use super::*;
+use crate::vision::arch::kernel_or_skip;
 use crate::vision::rewrite::products::tests::one_product_model;
 use crate::vision::rewrite::take_products;
 use crate::vision::weights::DEPTH;
@@ -33,7 +34,7 @@ pub(crate) fn reference(x: &[f32], w: &[f32], tokens: usize, k: usize, n: usize)
 
 #[test]
 fn the_kernel_computes_the_product_for_every_edge_of_its_tiles() {
-    if kernel::available().is_none() {
+    if !kernel_or_skip("the_kernel_computes_the_product_for_every_edge_of_its_tiles") {
         // Without AVX-512 nothing is replaced: the plan keeps tract's products.
         let mut model = one_product_model(4, 8, 8);
         assert_eq!(take_products(&mut model).unwrap(), 0);
@@ -90,8 +91,12 @@ fn quick_gelu(x: f64, alpha: f64) -> f64 {
 }
 
 #[test]
+#[cfg_attr(
+    not(target_arch = "x86_64"),
+    ignore = "the AVX-512 kernel is built on x86-64 only"
+)]
 fn the_gate_matches_the_quick_gelu_from_far_below_to_far_above_zero() {
-    if kernel::available().is_none() {
+    if !kernel_or_skip("the_gate_matches_the_quick_gelu_from_far_below_to_far_above_zero") {
         return;
     }
     // One depth step of weight 1: each output is its token's value, gated.
@@ -118,8 +123,12 @@ fn the_gate_matches_the_quick_gelu_from_far_below_to_far_above_zero() {
 }
 
 #[test]
+#[cfg_attr(
+    not(target_arch = "x86_64"),
+    ignore = "the AVX-512 kernel is built on x86-64 only"
+)]
 fn the_threads_share_a_product_in_units_and_agree() {
-    if kernel::available().is_none() {
+    if !kernel_or_skip("the_threads_share_a_product_in_units_and_agree") {
         return;
     }
     use tract_linalg::multithread::{multithread_tract_scope, Executor};

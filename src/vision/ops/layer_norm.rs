@@ -86,8 +86,7 @@ impl Expansion for LayerNormExpansion {
 /// With `residual`, x is the sum of a residual connection, a + b, which this operator forms
 /// itself: inputs (a, b, scale, bias), outputs (a + b, its layer norm). A transformer's residual
 /// sums feed the next layer norm; left as an `Add` after a matrix product, tract folds it into
-/// the product's output tiles, where its kernels read the other term with gathers (≈ 2 % of
-/// the kernel's time on ViT-B). Taken into the layer norm (tract's decluttering pass, see
+/// the product's output tiles, where its kernels read the other term with gathers. Taken into the layer norm (tract's decluttering pass, see
 /// [`LayerNorm::declutter`]) the sum costs one vectorised pass.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LayerNorm {

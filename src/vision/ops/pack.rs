@@ -14,8 +14,7 @@ use tract_onnx::tract_core::ops::matmul::pack::{DynPackedExoticFact, OptMatMulPa
 
 /// Where a fused operator writes its output when its one reader is tract's packing of a matrix
 /// product's input (`OptMatMulPack`): in the panel layout that packing would produce, so that
-/// the separate pass over the activations — which onnxruntime's products do not need — goes
-/// (46 passes per ViT-B run, 1.5–2 % of it; docs/performance.md).
+/// the separate pass over the activations — which onnxruntime's products do not need — goes.
 #[derive(Debug, Clone)]
 pub struct PackInto {
     /// The packing's formats: one, or a vector's and a matrix's, chosen by the rows' count.
