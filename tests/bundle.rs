@@ -283,3 +283,53 @@ fn an_unknown_or_missing_encoder_runtime_is_named() {
         assert_names(&msg, &["\"cuda\"", "--features vision-cuda"]);
     }
 }
+
+/// The standard form (what a GPU runtime prepares: tract's own operators, attention as its
+/// scaled-dot-product attention) computes what the fused CPU plan does, on both tiny bundles:
+/// test-tiny's tower has standard attention and layer norms, test-chatpose-tiny's (converted)
+/// the com.microsoft attention and quick-GELU nodes the product's encoders have.
+#[test]
+fn the_standard_form_of_the_encoder_computes_what_the_fused_one_does() {
+    use posegpt_edge::vision::ops::{Attention, LayerNorm, QuickGelu};
+    let img =
+        posegpt_edge::vision::load_image(&root().join("tests/fixtures/images/noise-57x120.png"))
+            .unwrap();
+    for (bundle, com_microsoft) in [("test-tiny", false), ("test-chatpose-tiny", true)] {
+        let dir = root().join("models").join(bundle);
+        let typed = posegpt_edge::vision::load_typed(&dir.join("vision.onnx"), None).unwrap();
+        let ops: Vec<String> = typed
+            .nodes()
+            .iter()
+            .map(|n| n.op.name().to_string())
+            .collect();
+        let fused = typed
+            .nodes()
+            .iter()
+            .filter(|n| n.op_is::<Attention>() || n.op_is::<LayerNorm>() || n.op_is::<QuickGelu>());
+        assert_eq!(
+            fused.count(),
+            0,
+            "{bundle}: fused operators in the standard form"
+        );
+        let sdpa = ops
+            .iter()
+            .filter(|o| o.to_ascii_lowercase().contains("sdpa"))
+            .count();
+        assert_eq!(
+            sdpa > 0,
+            com_microsoft,
+            "{bundle}: attention as tract's Sdpa exactly where the file has MultiHeadAttention: {ops:?}"
+        );
+        let (fused, standard) = (load(&dir).unwrap(), load_on(&dir, "default").unwrap());
+        let (a, b) = (
+            fused.vision.encode(&img).unwrap(),
+            standard.vision.encode(&img).unwrap(),
+        );
+        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let relative = max_abs_diff(&a, &b) / scale;
+        assert!(
+            relative <= 1e-4,
+            "{bundle}: the forms differ by {relative:e} of the largest value"
+        );
+    }
+}

@@ -17,11 +17,24 @@ pub fn load_plan(
     crate::llm::heap::loading_weights(|| load_plan_inner(path, size))
 }
 
+/// Which operators an encoder graph is built from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GraphForm {
+    /// This project's fused operators ([`ops`]) and, after the rewrites, its linear layers: the
+    /// fastest form on a CPU, where they run.
+    Fused,
+    /// tract's own operators only: attention as its scaled-dot-product attention (`Sdpa`),
+    /// layer norm and quick-GELU as element-wise and reduction operators. A GPU runtime
+    /// translates every one of them, so the whole tower runs there; our fused operators have
+    /// no GPU form and would run on the CPU between GPU segments.
+    Standard,
+}
+
 /// Read an encoder ONNX file for a `[1,3,size,size]` input (`None`: the size the file
-/// declares) and simplify it without choosing kernels: the form another tract runtime (e.g.
-/// CUDA, `bench-vision --runtime`) prepares itself.
+/// declares) in the [`GraphForm::Standard`] form and simplify it without choosing kernels: what
+/// another tract runtime (e.g. CUDA, `bench-vision --runtime`) prepares itself.
 pub fn load_typed(path: &Path, size: Option<usize>) -> Result<TypedModel, VisionError> {
-    let (model, s) = read_with_input(path, size)?;
+    let (model, s) = read_with_input(path, size, GraphForm::Standard)?;
     model
         .into_typed()
         .and_then(|m| m.into_decluttered())
@@ -31,17 +44,21 @@ pub fn load_typed(path: &Path, size: Option<usize>) -> Result<TypedModel, Vision
         })
 }
 
-/// The ONNX file read with the fused operators registered and its input set to
-/// `[1,3,S,S]`, with S.
+/// The ONNX file read in `form` and its input set to `[1,3,S,S]`, with S.
 fn read_with_input(
     path: &Path,
     size: Option<usize>,
+    form: GraphForm,
 ) -> Result<(InferenceModel, usize), VisionError> {
     let err = |reason: String| VisionError::Model {
         path: path.to_path_buf(),
         reason,
     };
-    let model = ops::onnx().model_for_path(path).map_err(|e| {
+    let reader = match form {
+        GraphForm::Fused => ops::onnx(),
+        GraphForm::Standard => tract_onnx::onnx(),
+    };
+    let model = reader.model_for_path(path).map_err(|e| {
         let e = format!("{e:#}");
         let hint = if e.contains("external data") {
             "; its weights live in a separate file named in the message: keep it next to the .onnx"
@@ -82,7 +99,7 @@ fn load_plan_inner(
         path: path.to_path_buf(),
         reason,
     };
-    let (model, s) = read_with_input(path, size)?;
+    let (model, s) = read_with_input(path, size, GraphForm::Fused)?;
     let optimise = |model: InferenceModel| -> TractResult<TypedModel> {
         let mut model = model.into_typed()?.into_decluttered()?;
         let taken = rewrite::take_products(&mut model)?;

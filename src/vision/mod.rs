@@ -38,7 +38,7 @@ pub mod weights;
 
 pub use decode::{check_image_header, decode_image, load_image, load_image_limited, ImageLimits};
 pub(crate) use encoder::EncoderRunner;
-pub use encoder::{load_plan, load_typed, VisionEncoder};
+pub use encoder::{load_plan, load_typed, GraphForm, VisionEncoder};
 pub use preprocess::{
     crop_resize_size, normalise, pad_to_square, preprocess, to_square, ImageSpec, Preprocessor,
     ResizeMode,
