@@ -139,15 +139,19 @@ async fn discovery_components_questions_and_removal() {
     );
     assert!(a["frame_seq"].is_u64(), "about the live frame: {a}");
 
-    // Every component's state topic, read as Home Assistant reads it.
-    let seen = collect(&mut w, 4).await;
+    // Every component's state topic, read as Home Assistant reads it: by a client that
+    // subscribes now, as Home Assistant may, getting the retained states (watch rules publish
+    // theirs when they change, perhaps while this test waited for the answer) and then the
+    // stream's next messages.
+    let mut late = Watcher::connect_to(port, "watcher-ha-late", &all).await;
+    let seen = collect(&mut late, 6).await;
     let latest = |topic: &str| -> Vec<u8> {
         if topic == answer_topic {
             return serde_json::to_vec(&a).unwrap();
         }
         seen.get(topic)
             .and_then(|m| m.last().cloned())
-            .unwrap_or_else(|| panic!("nothing on {topic} within 4 s"))
+            .unwrap_or_else(|| panic!("nothing on {topic} within 6 s"))
     };
     let mut checked = 0;
     for c in cmps.values() {

@@ -6,17 +6,7 @@ use crate::vision::weights::DEPTH;
 
 /// Deterministic values in [-1, 1).
 pub(crate) fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
+    crate::vision::ops::testing::values(n, seed, 1.0)
 }
 
 pub(crate) fn reference(x: &[f32], w: &[f32], tokens: usize, k: usize, n: usize) -> Vec<f64> {

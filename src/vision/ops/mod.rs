@@ -22,7 +22,7 @@ mod layer_norm;
 mod pack;
 mod quick_gelu;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
 pub use attention::Attention;
 pub use layer_norm::LayerNorm;

@@ -11,7 +11,7 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ndarray::ArrayD;
 
 /// Deterministic values in [-amp, amp).
-pub(super) fn values(n: usize, seed: u64, amp: f32) -> Vec<f32> {
+pub(crate) fn values(n: usize, seed: u64, amp: f32) -> Vec<f32> {
     let mut s = seed
         .wrapping_mul(6364136223846793005)
         .wrapping_add(1442695040888963407);
